@@ -1,0 +1,265 @@
+"""CLIP through Hugging Face ``transformers``: real checkpoints and offline presets.
+
+* :meth:`CLIPBackbone.from_pretrained` loads ``CLIPModel`` + its processor from a local
+  folder (offline) or a hub id (when the machine has network access).
+* :meth:`CLIPBackbone.from_preset` builds a small CLIP from config with seeded random
+  weights and the offline CLIP tokenizer: no file and no network needed.
+
+The text path is CLIP's own (token + position embeddings, causal transformer, final layer
+norm, pooling at the end-of-text token, text projection), run on embeddings so that
+learned context vectors take the place of the ``X`` placeholder tokens. Prompts are padded
+only to the longest class prompt, not to 77 tokens: with a causal mask and end-of-text
+pooling, later padding never influences the pooled feature, so this is exact and cheaper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image
+from torch import Tensor
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
+from transformers.masking_utils import create_causal_mask
+
+from fedprompt.backbones.base import ClassPromptTokens, VisionLanguageBackbone
+from fedprompt.backbones.tokenizer import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    VOCAB_SIZE,
+    offline_clip_tokenizer,
+)
+from fedprompt.errors import BackboneError, PromptError
+
+#: Offline presets: (text hidden, text layers, vision hidden, vision layers, image size,
+#: patch size, projection dim, attention heads). Random weights, real CLIP tokenizer.
+PRESETS: dict[str, dict[str, int]] = {
+    "clip-tiny": dict(width=64, layers=2, vision_width=64, vision_layers=2, image_size=32,
+                      patch_size=8, projection_dim=64, heads=4),
+    "clip-small": dict(width=128, layers=4, vision_width=128, vision_layers=4, image_size=64,
+                       patch_size=8, projection_dim=128, heads=4),
+    "clip-small224": dict(width=192, layers=6, vision_width=192, vision_layers=6,
+                          image_size=224, patch_size=16, projection_dim=256, heads=6),
+}
+
+
+def preset_config(name: str) -> CLIPConfig:
+    """The ``CLIPConfig`` of an offline preset."""
+    if name not in PRESETS:
+        raise BackboneError(f"unknown CLIP preset {name!r}: choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    text = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=p["width"], intermediate_size=4 * p["width"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        max_position_embeddings=77, projection_dim=p["projection_dim"],
+        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=EOS_TOKEN_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=p["vision_width"], intermediate_size=4 * p["vision_width"],
+        num_hidden_layers=p["vision_layers"], num_attention_heads=p["heads"],
+        image_size=p["image_size"], patch_size=p["patch_size"],
+        projection_dim=p["projection_dim"],
+    )
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(),
+        projection_dim=p["projection_dim"],
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_local(source: str) -> bool:
+    """A hub id looks like ``owner/name``; anything else, or an existing path, is local."""
+    return Path(source).expanduser().exists() or not _HUB_ID.match(source)
+
+
+class CLIPBackbone(VisionLanguageBackbone):
+    """A frozen ``transformers`` CLIP model."""
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer,
+                 image_processor: CLIPImageProcessorPil, source: str,
+                 precision: str = "fp32", text_chunk_size: int = 128,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__(precision, text_chunk_size, gradient_checkpointing)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.source = source
+        text_config = model.config.text_config
+        self.ctx_dim = text_config.hidden_size
+        self.embed_dim = model.config.projection_dim
+        self.max_text_length = text_config.max_position_embeddings
+        self.eos_token_id = tokenizer.eos_token_id
+        self._identity: dict[str, Any] | None = None
+        self.freeze()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_preset(cls, name: str, weights_seed: int = 0, device: torch.device | str = "cpu",
+                    **kwargs: Any) -> CLIPBackbone:
+        """Build an offline preset (``clip-tiny``, ``clip-small``, ``clip-small224``)."""
+        config = preset_config(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights_seed)
+            model = CLIPModel(config)
+        size = config.vision_config.image_size
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        backbone = cls(model, offline_clip_tokenizer(), processor,
+                       source=f"{name}@seed{weights_seed}", **kwargs)
+        return backbone.to(device)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, device: torch.device | str = "cpu",
+                        **kwargs: Any) -> CLIPBackbone:
+        """Load a CLIP checkpoint from a local folder or a hub id.
+
+        The folder needs what ``CLIPModel.save_pretrained`` and ``CLIPProcessor`` write
+        (config.json, model.safetensors, tokenizer and preprocessor files).
+        """
+        local = Path(path_or_id).expanduser()
+        if _is_local(path_or_id):
+            if not local.is_dir():
+                raise BackboneError(
+                    f"CLIP checkpoint folder {local} does not exist: give a folder holding "
+                    "config.json, model.safetensors, the tokenizer and preprocessor_config.json "
+                    "(e.g. saved with CLIPModel/CLIPProcessor.save_pretrained), or an offline "
+                    "preset such as backbone.model='clip-tiny'"
+                )
+            if not (local / "config.json").is_file():
+                raise BackboneError(
+                    f"{local} is not a CLIP checkpoint folder: it has no config.json. Point "
+                    "backbone.model at the folder that holds config.json and the weights"
+                )
+            source = str(local.resolve())
+        else:
+            source = path_or_id
+        try:
+            model = CLIPModel.from_pretrained(source)
+            tokenizer = CLIPTokenizer.from_pretrained(source)
+            processor = CLIPImageProcessorPil.from_pretrained(source)
+        except OSError as exc:
+            raise BackboneError(
+                f"could not load CLIP from {path_or_id!r}: {exc}. If this is a hub id and the "
+                "machine has no network access (or HF_HUB_OFFLINE=1), download the checkpoint "
+                "elsewhere and give its local folder as backbone.model; if you meant a local "
+                f"folder, none exists at {local.resolve()}"
+            ) from exc
+        if not isinstance(model, CLIPModel):
+            raise BackboneError(f"{path_or_id!r} is not a CLIP checkpoint")
+        return cls(model, tokenizer, processor, source=source, **kwargs).to(device)
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            config = self.model.config.to_dict()
+            config.pop("transformers_version", None)
+            config_json = json.dumps(config, sort_keys=True, default=str)
+            weights = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                weights.update(name.encode())
+                weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            processor_json = json.dumps(self.image_processor.to_dict(), sort_keys=True,
+                                        default=str)
+            self._identity = {
+                "kind": "clip",
+                "source": self.source,
+                "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+                "weights_sha256": weights.hexdigest(),
+                "preprocess_sha256": hashlib.sha256(processor_json.encode()).hexdigest(),
+                "transformers": transformers.__version__,
+            }
+        return dict(self._identity)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    # -------------------------------------------------------------------- images
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        with self.autocast():
+            out = self.model.get_image_features(pixel_values=pixel_values.to(self.device))
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        return features.float()
+
+    # ---------------------------------------------------------------------- text
+    def tokenize_class_prompts(self, classnames: Sequence[str], n_ctx: int) -> ClassPromptTokens:
+        if n_ctx < 1:
+            raise PromptError(f"n_ctx={n_ctx}: a prompt needs at least one context token")
+        placeholder = " ".join(["X"] * n_ctx)
+        x_id = self.tokenizer("X", add_special_tokens=False)["input_ids"]
+        if len(x_id) != 1:
+            raise BackboneError("the tokenizer does not map 'X' to a single token")
+        ids_per_class = [
+            self.tokenizer(f"{placeholder} {name}.")["input_ids"] for name in classnames
+        ]
+        longest = max(range(len(classnames)), key=lambda i: len(ids_per_class[i]))
+        if len(ids_per_class[longest]) > self.max_text_length:
+            name_tokens = len(ids_per_class[longest]) - n_ctx - 2
+            max_ctx = self.max_text_length - 2 - name_tokens
+            raise PromptError(
+                f"n_ctx={n_ctx} is out of range for class {classnames[longest]!r}: its prompt "
+                f"needs {len(ids_per_class[longest])} tokens but the text encoder takes at most "
+                f"{self.max_text_length}. Lower prompt.n_ctx to at most {max(max_ctx, 0)}"
+                + (" or shorten the class name" if max_ctx < 1 else "")
+            )
+        length = len(ids_per_class[longest])
+        input_ids = torch.full((len(classnames), length), self.tokenizer.pad_token_id,
+                               dtype=torch.long)
+        eos = torch.empty(len(classnames), dtype=torch.long)
+        for i, ids in enumerate(ids_per_class):
+            if ids[1 : 1 + n_ctx] != x_id * n_ctx:
+                raise BackboneError(f"tokenizing class {classnames[i]!r} did not keep the "
+                                    "context placeholders in positions 1..n_ctx")
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            eos[i] = len(ids) - 1
+        device = self.device
+        with torch.no_grad():
+            embeddings = self.model.text_model.embeddings.token_embedding(input_ids.to(device))
+        return ClassPromptTokens(list(classnames), n_ctx, input_ids.to(device), eos.to(device),
+                                 embeddings.detach())
+
+    def embed_text(self, text: str) -> Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromptError(f"context init text {text!r} has no tokens")
+        with torch.no_grad():
+            emb = self.model.text_model.embeddings.token_embedding(
+                torch.tensor(ids, device=self.device)
+            )
+        return emb.detach().clone()
+
+    def encode_prompt_embeddings(self, embeddings: Tensor, eos_positions: Tensor) -> Tensor:
+        text_model = self.model.text_model
+        with self.autocast():
+            hidden = text_model.embeddings(inputs_embeds=embeddings)
+            mask = create_causal_mask(
+                config=text_model.config, inputs_embeds=hidden, attention_mask=None,
+                past_key_values=None,
+            )
+            hidden = text_model.encoder(
+                inputs_embeds=hidden, attention_mask=mask, is_causal=True
+            ).last_hidden_state
+            hidden = text_model.final_layer_norm(hidden)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_positions]
+            features = self.model.text_projection(pooled)
+        return features.float()

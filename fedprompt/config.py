@@ -1,0 +1,292 @@
+"""One typed configuration object per run.
+
+A run's configuration is built in layers, each overriding the one before:
+
+1. the defaults declared below;
+2. a TOML file (``fedprompt train --config run.toml``), sections named like the fields
+   (``[train]``, ``[prompt]``, ...);
+3. dotted overrides (``--set train.lr=0.01`` on the command line, or the flat
+   ``run_config`` mapping Flower hands to apps, whose keys are the same dotted paths).
+
+Every key is checked: an unknown key, a value of the wrong type or out of range raises
+:class:`~fedprompt.errors.ConfigError` naming the key, where it came from, and what is
+allowed. Pydantic does the typing and validation; this module adds the layering and
+the error messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedprompt.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Section):
+    """The frozen vision-language model."""
+
+    model: str = Field(
+        "clip-tiny",
+        description="an offline preset (clip-tiny, clip-small, clip-small224) built from config "
+        "with random weights, or a local checkpoint folder / hub id for CLIPModel.from_pretrained",
+    )
+    weights_seed: int = Field(0, description="seed of the random weights of offline presets")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision for the frozen encoders (bf16/fp16 on CUDA)"
+    )
+    text_chunk_size: int = Field(
+        128, ge=1, description="class prompts encoded per chunk of the text encoder"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute text-encoder activations of each chunk in backward"
+    )
+    image_batch_size: int = Field(64, ge=1, description="images per batch when encoding images")
+
+
+class PromptConfig(_Section):
+    """The prompt learner."""
+
+    learner: Literal["coop", "dpfpl", "fedpgp", "global-local", "hierarchical"] = Field(
+        "coop",
+        description="coop: CoOp context; dpfpl: global + low-rank u v + residual (DP-FPL); "
+        "fedpgp: global + fixed-basis low-rank u v; global-local: global + full-rank local; "
+        "hierarchical: domain-level + class-level (SecFPP)",
+    )
+    n_ctx: int = Field(16, ge=1, description="number of learned context tokens")
+    ctx_init: str = Field(
+        "", description="initialise the (global) context from this text, e.g. 'a photo of a'"
+    )
+    init_std: float = Field(0.02, gt=0, description="std of random context initialisation")
+    rank: int = Field(8, ge=1, description="rank k of the low-rank local part (dpfpl, fedpgp)")
+    residual: bool = Field(True, description="dpfpl: keep the residual r = p_L - u v")
+
+    @model_validator(mode="after")
+    def _rank_fits(self) -> PromptConfig:
+        if self.learner in ("dpfpl", "fedpgp") and self.rank > self.n_ctx:
+            raise ValueError(
+                f"rank={self.rank} exceeds n_ctx={self.n_ctx}: the local prompt is an "
+                f"n_ctx x width matrix, so its rank is at most n_ctx; set prompt.rank <= "
+                f"{self.n_ctx}"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    """The data set and how it is split."""
+
+    dataset: str = Field(
+        "digits",
+        description="'digits' (bundled with scikit-learn, no download) or the root of an "
+        "ImageFolder tree (<root>/<class>/<image> or <root>/{train,test}/<class>/<image>)",
+    )
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="held-out share per class where the root has no test/"
+    )
+    max_train_per_class: int | None = Field(
+        None, ge=1, description="keep at most this many training images per class (few-shot)"
+    )
+    num_clients: int = Field(1, ge=1, description="number of clients the data is split into")
+    partition: Literal["pathological", "dirichlet", "iid"] = Field(
+        "pathological",
+        description="pathological: disjoint classes per client; dirichlet: label skew; iid",
+    )
+    dirichlet_alpha: float = Field(0.3, gt=0, description="concentration of the Dirichlet split")
+    min_partition_size: int = Field(
+        2, ge=1, description="Dirichlet split: resample until every client has this many"
+    )
+    client: int | None = Field(
+        None, ge=0, description="one-site training: use this client's partition (None: all data)"
+    )
+    feature_cache: bool = Field(
+        True, description="encode each image once when the image tower is frozen and no "
+        "augmentation is on"
+    )
+    cache_dir: str = Field(
+        "", description="where cached image features are kept ('' = ~/.cache/fedprompt)"
+    )
+
+    @model_validator(mode="after")
+    def _client_in_range(self) -> DataConfig:
+        if self.client is not None and self.client >= self.num_clients:
+            raise ValueError(
+                f"client={self.client} but num_clients={self.num_clients}: clients are "
+                f"numbered 0..{self.num_clients - 1}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """Local optimisation (also the local step of every federated method)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.002, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
+    augment: bool = Field(
+        False, description="random resized crop + flip on training images (disables the cache)"
+    )
+
+
+class RunConfig(_Section):
+    """Everything one run needs. Written, resolved, next to the run's results."""
+
+    name: str = Field("default", description="run name; results go to <output_dir>/<name>-<time>")
+    seed: int = Field(0, description="seed of data splits, prompt init, shuffling")
+    output_dir: str = Field("results", description="parent folder of results folders")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "overrides") -> RunConfig:
+        """Return a copy with dotted-key overrides applied (``{"train.lr": 0.01}``)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value, source)
+        return _validate(data, source)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_all_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """All dotted configuration keys."""
+    return _all_keys(RunConfig)
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in keys if section and k.startswith(section + ".")]
+    listing = (
+        f" Keys of [{section}]: {', '.join(s.split('.')[-1] for s in siblings)}."
+        if siblings
+        else " Top-level keys: name, seed, output_dir and the sections "
+        "[backbone], [prompt], [data], [train]."
+    )
+    return f"unknown config key '{key}' (from {source}).{hint}{listing}"
+
+
+def _validate(data: Mapping[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(_unknown_key_message(key, source))
+            else:
+                where = f"'{key}'" if key else "the configuration"
+                shown = err.get("input")
+                got = f" (got {shown!r})" if key and not isinstance(shown, dict) else ""
+                problems.append(f"invalid value for {where} (from {source}){got}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(child, dict):
+            raise ConfigError(_unknown_key_message(".".join(parts[: i + 1]) + "." + parts[-1],
+                                                   source))
+        node = child
+    if parts[-1] not in node:
+        raise ConfigError(_unknown_key_message(key, source))
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value is read as a TOML literal, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} has no '=': write it as key=value, e.g. train.lr=0.01"
+        )
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key: write key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to dotted keys (the inverse of the sections in a TOML file)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> RunConfig:
+    """Defaults, then a TOML file, then overrides (a mapping or ``key=value`` strings)."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist: give the path of a TOML file "
+                "(see experiments/configs/ for examples)"
+            )
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        config = config.with_overrides(flatten(data), source=str(path))
+    if overrides:
+        if isinstance(overrides, Mapping):
+            pairs = dict(overrides)
+            source = "run_config"
+        else:
+            pairs = dict(parse_override(item) for item in overrides)
+            source = "--set"
+        config = config.with_overrides(pairs, source=source)
+    return config
