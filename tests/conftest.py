@@ -1,0 +1,37 @@
+"""Shared fixtures: offline, deterministic, small."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """A data set from ../shared/data, or skip with a clear reason where it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the shared offline data sets live next to the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from fedprompt.backbones import CLIPBackbone
+
+    return CLIPBackbone.from_preset("clip-tiny", weights_seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
