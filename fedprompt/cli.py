@@ -77,6 +77,11 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = _parser().parse_args(argv)
+    if getattr(args, "quiet", False) or args.command == "train":
+        # our own rich bars show progress; transformers' tqdm bars would interleave
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "train":
             return _train(args)

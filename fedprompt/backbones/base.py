@@ -134,14 +134,64 @@ class VisionLanguageBackbone(nn.Module, ABC):
         """Pixel tensor to image features ``[B, embed_dim]`` (float32, not normalised)."""
 
     # ----------------------------------------------------------------------- text
-    @abstractmethod
-    def tokenize_class_prompts(self, classnames: Sequence[str], n_ctx: int) -> ClassPromptTokens:
-        """Tokenize ``"X"*n_ctx + class name + "."`` for every class."""
+    #: tokenizer with ``__call__(text, add_special_tokens=...)`` and ``pad_token_id``
+    tokenizer: Any
 
     @abstractmethod
+    def token_embedding(self, input_ids: Tensor) -> Tensor:
+        """The frozen input embeddings ``[..., ctx_dim]`` of token ids."""
+
+    def tokenize_class_prompts(self, classnames: Sequence[str], n_ctx: int) -> ClassPromptTokens:
+        """Tokenize ``"X " * n_ctx + "{class}."`` for every class (the tokenizer adds its
+        start and end tokens), pad to the longest prompt, and keep the frozen embeddings.
+        Positions ``1..n_ctx`` must be the placeholders; the end token's position is kept
+        for pooling (CLIP) or masking (BERT-style encoders)."""
+        if n_ctx < 1:
+            raise PromptError(f"n_ctx={n_ctx}: a prompt needs at least one context token")
+        if not classnames:
+            raise PromptError("no class names to build prompts for")
+        placeholder = " ".join(["X"] * n_ctx)
+        x_id = self.tokenizer("X", add_special_tokens=False)["input_ids"]
+        if len(x_id) != 1:
+            raise BackboneError("the tokenizer does not map 'X' to a single token")
+        ids_per_class = [
+            self.tokenizer(f"{placeholder} {name}.")["input_ids"] for name in classnames
+        ]
+        longest = max(range(len(classnames)), key=lambda i: len(ids_per_class[i]))
+        if len(ids_per_class[longest]) > self.max_text_length:
+            name_tokens = len(ids_per_class[longest]) - n_ctx - 2
+            max_ctx = self.max_text_length - 2 - name_tokens
+            raise PromptError(
+                f"n_ctx={n_ctx} is out of range for class {classnames[longest]!r}: its prompt "
+                f"needs {len(ids_per_class[longest])} tokens but the text encoder takes at most "
+                f"{self.max_text_length}. Lower prompt.n_ctx to at most {max(max_ctx, 0)}"
+                + (" or shorten the class name" if max_ctx < 1 else "")
+            )
+        length = len(ids_per_class[longest])
+        input_ids = torch.full((len(classnames), length), self.tokenizer.pad_token_id,
+                               dtype=torch.long)
+        eos = torch.empty(len(classnames), dtype=torch.long)
+        for i, ids in enumerate(ids_per_class):
+            if ids[1 : 1 + n_ctx] != x_id * n_ctx:
+                raise BackboneError(f"tokenizing class {classnames[i]!r} did not keep the "
+                                    "context placeholders in positions 1..n_ctx")
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            eos[i] = len(ids) - 1
+        device = self.device
+        input_ids, eos = input_ids.to(device), eos.to(device)
+        with torch.no_grad():
+            embeddings = self.token_embedding(input_ids)
+        return ClassPromptTokens(list(classnames), n_ctx, input_ids, eos, embeddings.detach())
+
     def embed_text(self, text: str) -> Tensor:
         """Token embeddings ``[T, ctx_dim]`` of ``text`` without start/end tokens (used to
         initialise context vectors from words such as "a photo of a")."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromptError(f"context init text {text!r} has no tokens")
+        with torch.no_grad():
+            emb = self.token_embedding(torch.tensor(ids, device=self.device))
+        return emb.detach().clone()
 
     @abstractmethod
     def encode_prompt_embeddings(self, embeddings: Tensor, eos_positions: Tensor) -> Tensor:

@@ -35,14 +35,14 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
-from fedprompt.backbones.base import ClassPromptTokens, VisionLanguageBackbone
+from fedprompt.backbones.base import VisionLanguageBackbone
 from fedprompt.backbones.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     VOCAB_SIZE,
     offline_clip_tokenizer,
 )
-from fedprompt.errors import BackboneError, PromptError
+from fedprompt.errors import BackboneError
 
 #: Offline presets: (text hidden, text layers, vision hidden, vision layers, image size,
 #: patch size, projection dim, attention heads). Random weights, real CLIP tokenizer.
@@ -202,51 +202,8 @@ class CLIPBackbone(VisionLanguageBackbone):
         return features.float()
 
     # ---------------------------------------------------------------------- text
-    def tokenize_class_prompts(self, classnames: Sequence[str], n_ctx: int) -> ClassPromptTokens:
-        if n_ctx < 1:
-            raise PromptError(f"n_ctx={n_ctx}: a prompt needs at least one context token")
-        placeholder = " ".join(["X"] * n_ctx)
-        x_id = self.tokenizer("X", add_special_tokens=False)["input_ids"]
-        if len(x_id) != 1:
-            raise BackboneError("the tokenizer does not map 'X' to a single token")
-        ids_per_class = [
-            self.tokenizer(f"{placeholder} {name}.")["input_ids"] for name in classnames
-        ]
-        longest = max(range(len(classnames)), key=lambda i: len(ids_per_class[i]))
-        if len(ids_per_class[longest]) > self.max_text_length:
-            name_tokens = len(ids_per_class[longest]) - n_ctx - 2
-            max_ctx = self.max_text_length - 2 - name_tokens
-            raise PromptError(
-                f"n_ctx={n_ctx} is out of range for class {classnames[longest]!r}: its prompt "
-                f"needs {len(ids_per_class[longest])} tokens but the text encoder takes at most "
-                f"{self.max_text_length}. Lower prompt.n_ctx to at most {max(max_ctx, 0)}"
-                + (" or shorten the class name" if max_ctx < 1 else "")
-            )
-        length = len(ids_per_class[longest])
-        input_ids = torch.full((len(classnames), length), self.tokenizer.pad_token_id,
-                               dtype=torch.long)
-        eos = torch.empty(len(classnames), dtype=torch.long)
-        for i, ids in enumerate(ids_per_class):
-            if ids[1 : 1 + n_ctx] != x_id * n_ctx:
-                raise BackboneError(f"tokenizing class {classnames[i]!r} did not keep the "
-                                    "context placeholders in positions 1..n_ctx")
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            eos[i] = len(ids) - 1
-        device = self.device
-        with torch.no_grad():
-            embeddings = self.model.text_model.embeddings.token_embedding(input_ids.to(device))
-        return ClassPromptTokens(list(classnames), n_ctx, input_ids.to(device), eos.to(device),
-                                 embeddings.detach())
-
-    def embed_text(self, text: str) -> Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise PromptError(f"context init text {text!r} has no tokens")
-        with torch.no_grad():
-            emb = self.model.text_model.embeddings.token_embedding(
-                torch.tensor(ids, device=self.device)
-            )
-        return emb.detach().clone()
+    def token_embedding(self, input_ids: Tensor) -> Tensor:
+        return self.model.text_model.embeddings.token_embedding(input_ids)
 
     def encode_prompt_embeddings(self, embeddings: Tensor, eos_positions: Tensor) -> Tensor:
         text_model = self.model.text_model

@@ -60,15 +60,19 @@ class _SameConv2d(nn.Conv2d):
     """A bias-free ``Conv2d`` with TensorFlow "same" padding, computed from the input size.
 
     The output has ``ceil(size / stride)`` pixels per side; when the total padding is odd
-    the extra pixel goes on the bottom/right, as in TensorFlow.
+    the extra pixel goes on the bottom/right, as in TensorFlow. With stride 1 (and an odd
+    kernel) that is plain symmetric padding, which the convolution does itself.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
                  groups: int = 1) -> None:
-        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups,
-                         bias=False)
+        padding = kernel_size // 2 if stride == 1 else 0
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding,
+                         groups=groups, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.stride == (1, 1):
+            return super().forward(x)
         pads: list[int] = []
         for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1],
                               strict=True):  # width first, as F.pad expects

@@ -126,6 +126,10 @@ class FeatureCache:
         return features
 
 
+def _epoch_order(n: int, rng: np.random.Generator, shuffle: bool) -> np.ndarray:
+    return rng.permutation(n) if shuffle else np.arange(n)
+
+
 class FeatureBatches:
     """Mini-batches ``(features, labels)`` over precomputed features."""
 
@@ -138,16 +142,17 @@ class FeatureBatches:
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        # Same visiting order as ImageBatches for the same seed, so cached and on-the-fly
+        # training see identical batches.
+        order = torch.as_tensor(_epoch_order(len(self.labels), self.rng, self.shuffle))
         order = order.to(self.features.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             yield self.features[idx], self.labels[idx]
 
@@ -168,9 +173,8 @@ class ImageBatches:
         return -(-len(self.data) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.data)
-        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-        for start in range(0, n, self.batch_size):
+        order = _epoch_order(len(self.data), self.rng, self.shuffle)
+        for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             bad: list[str] = []
             images = _load_batch(self.data.images, idx, bad, self.rng if self.augment else None)
