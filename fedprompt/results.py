@@ -48,6 +48,7 @@ def plot_epoch_accuracy(metrics: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [0] + [e["epoch"] for e in metrics["epochs"]]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -62,6 +63,7 @@ def plot_epoch_accuracy(metrics: dict[str, Any], path: Path) -> None:
         ax.plot(*zip(*points, strict=True), marker="o", label=label)
     chance = 1.0 / metrics["data"]["num_classes"]
     ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (0 = before training)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
