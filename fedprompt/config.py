@@ -95,6 +95,10 @@ class DataConfig(_Section):
         description="'digits' (bundled with scikit-learn, no download) or the root of an "
         "ImageFolder tree (<root>/<class>/<image> or <root>/{train,test}/<class>/<image>)",
     )
+    seed: int = Field(
+        0, description="seed of the test hold-out, few-shot choice and client partition; kept "
+        "apart from the run seed so that every run seed sees the same split (as DP-FPL does)"
+    )
     test_fraction: float = Field(
         0.25, gt=0, lt=1, description="held-out share per class where the root has no test/"
     )

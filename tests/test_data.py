@@ -93,7 +93,7 @@ def test_a_split_that_leaves_a_client_without_data_is_rejected() -> None:
     with pytest.raises(DataError, match=r"leaves client \d with no local test images.*fewer"):
         pathological_split(train, test, 3, seed=0)
     with pytest.raises(DataError, match="5000 clients but only 1347 training images"):
-        partition(digits(), DataConfig(num_clients=5000, partition="iid"), 0)
+        partition(digits(), DataConfig(num_clients=5000, partition="iid"))
 
 
 def test_digits_default_data_set() -> None:
@@ -183,3 +183,14 @@ def test_shared_flowers_tree_loads() -> None:
     splits = image_folder(root)
     assert splits.train.num_classes == 12 and (len(splits.train), len(splits.test)) == (720, 240)
     assert "colts foot" in splits.classnames
+
+
+def test_split_follows_data_seed_only() -> None:
+    a = load_dataset(DataConfig(dataset="digits", seed=0))
+    b = load_dataset(DataConfig(dataset="digits", seed=0))
+    c = load_dataset(DataConfig(dataset="digits", seed=1))
+    assert a.test.images.fingerprint() == b.test.images.fingerprint()
+    assert a.test.images.fingerprint() != c.test.images.fingerprint()
+    parts = partition(a, DataConfig(num_clients=3, seed=5))
+    again = partition(a, DataConfig(num_clients=3, seed=5))
+    assert all(np.array_equal(p.train, q.train) for p, q in zip(parts, again, strict=True))

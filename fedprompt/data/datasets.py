@@ -290,8 +290,9 @@ def few_shot(data: ImageSet, per_class: int, seed: int) -> ImageSet:
     return data.subset(np.sort(np.array(keep, dtype=np.int64)))
 
 
-def load_dataset(config: DataConfig, seed: int = 0) -> DataSplits:
-    """The train/test pair a run's ``[data]`` section names."""
+def load_dataset(config: DataConfig) -> DataSplits:
+    """The train/test pair a run's ``[data]`` section names (split by ``config.seed``)."""
+    seed = config.seed
     if config.dataset == "digits":
         splits = digits(seed=seed, test_fraction=config.test_fraction)
     else:

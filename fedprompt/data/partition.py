@@ -163,8 +163,10 @@ def iid_split(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: in
     return _finish(list(train_parts), list(test_parts), train_labels, "iid")
 
 
-def partition(splits: DataSplits, config: DataConfig, seed: int) -> list[ClientPartition]:
-    """The client partitions a run's ``[data]`` section asks for."""
+def partition(splits: DataSplits, config: DataConfig) -> list[ClientPartition]:
+    """The client partitions a run's ``[data]`` section asks for (seeded by
+    ``config.seed``)."""
+    seed = config.seed
     train, test = splits.train.labels, splits.test.labels
     n = config.num_clients
     if n > len(train):

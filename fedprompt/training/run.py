@@ -79,10 +79,10 @@ def run_local(config: RunConfig, progress: bool = True,
     seed_everything(config.seed)
     out = create_run_dir(config, output_dir)
     backbone = build_backbone(config.backbone)
-    splits = load_dataset(config.data, config.seed)
+    splits = load_dataset(config.data)
     train_idx = test_idx = neighbor_idx = None
     if config.data.client is not None:
-        part = partition(splits, config.data, config.seed)[config.data.client]
+        part = partition(splits, config.data)[config.data.client]
         train_idx, test_idx = part.train, part.local_test
         neighbor_idx = part.neighbor_test if len(part.neighbor_test) else None
 
