@@ -41,9 +41,9 @@ class BackboneConfig(_Section):
         "offline CLIP preset with random weights (clip-tiny, clip-small, clip-small224), or a "
         "local checkpoint folder / hub id for CLIPModel.from_pretrained",
     )
-    image_size: int | None = Field(
-        None, ge=16, description="effnet-minilm input size (default 224; 128 is 3x faster); "
-        "CLIP models use their own"
+    image_size: int = Field(
+        0, ge=0, description="effnet-minilm input size (0: 224; 128 is 3x faster); CLIP models "
+        "use their own"
     )
     weights_seed: int = Field(0, description="seed of the random weights of offline presets")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -102,8 +102,9 @@ class DataConfig(_Section):
     test_fraction: float = Field(
         0.25, gt=0, lt=1, description="held-out share per class where the root has no test/"
     )
-    max_train_per_class: int | None = Field(
-        None, ge=1, description="keep at most this many training images per class (few-shot)"
+    max_train_per_class: int = Field(
+        0, ge=0, description="keep at most this many training images per class (few-shot; "
+        "0: all)"
     )
     num_clients: int = Field(1, ge=1, description="number of clients the data is split into")
     partition: Literal["pathological", "dirichlet", "iid"] = Field(
@@ -114,8 +115,8 @@ class DataConfig(_Section):
     min_partition_size: int = Field(
         2, ge=1, description="Dirichlet split: resample until every client has this many"
     )
-    client: int | None = Field(
-        None, ge=0, description="one-site training: use this client's partition (None: all data)"
+    client: int = Field(
+        -1, ge=-1, description="one-site training: use this client's partition (-1: all data)"
     )
     feature_cache: bool = Field(
         True, description="encode each image once when the image tower is frozen and no "
@@ -127,7 +128,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _client_in_range(self) -> DataConfig:
-        if self.client is not None and self.client >= self.num_clients:
+        if self.client >= self.num_clients:
             raise ValueError(
                 f"client={self.client} but num_clients={self.num_clients}: clients are "
                 f"numbered 0..{self.num_clients - 1}"
@@ -153,6 +154,63 @@ class TrainConfig(_Section):
     )
 
 
+class FederationConfig(_Section):
+    """Federated training (the Flower app and the in-process runner)."""
+
+    method: Literal[
+        "local-only", "promptfl", "fedpgp", "dpfpl", "dpfpl-no-residual", "dpfpl-full-rank"
+    ] = Field(
+        "dpfpl",
+        description="local-only: CoOp per client, nothing shared; promptfl: FedAvg of one CoOp "
+        "prompt; fedpgp: global + fixed-basis u v; dpfpl: global + u v + residual "
+        "re-factorized every step; dpfpl-no-residual and dpfpl-full-rank: DP-FPL's ablations",
+    )
+    rounds: int = Field(10, ge=1, description="communication rounds")
+    local_epochs: int = Field(1, ge=1, description="passes over the client's data per round")
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="client sampling rate per round (Poisson sampling)"
+    )
+    server_lr: float = Field(1.0, gt=0, description="p_G <- p_G + server_lr * mean update")
+    weighting: Literal["equal", "examples"] = Field(
+        "equal", description="how client updates are averaged (always equal with global DP)"
+    )
+    max_update_norm: float = Field(
+        1e4, gt=0, description="replies whose update norm exceeds this are rejected as invalid"
+    )
+    timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    evaluate_every: int = Field(1, ge=1, description="evaluate clients every this many rounds")
+
+
+class PrivacyConfig(_Section):
+    """Local DP (per-sample, Opacus) on the tensors a method privatizes and global DP on
+    the aggregate of the shared tensors."""
+
+    mode: Literal["off", "target-epsilon", "noise-multiplier", "nominal"] = Field(
+        "off",
+        description="off; target-epsilon: noise calibrated by the accountant for (epsilon, "
+        "delta) over the planned rounds; noise-multiplier: given multipliers; nominal: DP-FPL's "
+        "published recipe sigma = sqrt(T ln(1/delta))/epsilon (labelled nominal; the "
+        "accountant's epsilon is reported beside it)",
+    )
+    local: bool = Field(True, description="per-sample DP on the tensors the method privatizes")
+    server: bool = Field(True, description="clip + Gaussian noise on the shared aggregate")
+    epsilon: float = Field(1.0, gt=0, description="target (or nominal) epsilon; also the "
+                           "budget after which a client declines to train")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    local_noise_multiplier: float = Field(1.0, ge=0, description="noise-multiplier mode")
+    server_noise_multiplier: float = Field(1.0, ge=0, description="noise-multiplier mode")
+    clip_norm: float = Field(10.0, gt=0, description="per-sample clipping norm C_L")
+    server_clip_norm: float = Field(10.0, gt=0, description="per-client update clip C_G")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    per_sample_chunk: int = Field(
+        8, ge=1, description="per-sample gradients computed this many samples at a time"
+    )
+    reproducible_noise: bool = Field(
+        False, description="seed all noise from the run seed (tests, bit-exact comparisons); "
+        "default: a cryptographically seeded generator"
+    )
+
+
 class RunConfig(_Section):
     """Everything one run needs. Written, resolved, next to the run's results."""
 
@@ -163,6 +221,8 @@ class RunConfig(_Section):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -210,7 +270,7 @@ def _unknown_key_message(key: str, source: str) -> str:
         f" Keys of [{section}]: {', '.join(s.split('.')[-1] for s in siblings)}."
         if siblings
         else " Top-level keys: name, seed, output_dir and the sections "
-        "[backbone], [prompt], [data], [train]."
+        "[backbone], [prompt], [data], [train], [federation], [privacy]."
     )
     return f"unknown config key '{key}' (from {source}).{hint}{listing}"
 

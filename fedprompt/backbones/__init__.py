@@ -27,7 +27,7 @@ def build_backbone(config: BackboneConfig) -> VisionLanguageBackbone:
         from fedprompt.backbones.dual_encoder import DualEncoderBackbone
 
         return DualEncoderBackbone(image_size=config.image_size or 224, **options).to(device)
-    if config.image_size is not None:
+    if config.image_size:
         raise BackboneError(
             f"backbone.image_size applies to effnet-minilm only; {config.model!r} has a fixed "
             "input size: remove backbone.image_size"

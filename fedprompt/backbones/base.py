@@ -212,16 +212,8 @@ class VisionLanguageBackbone(nn.Module, ABC):
         """
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0)
-        num_classes, n_ctx = tokens.num_classes, tokens.n_ctx
-        if ctx.dim() != 3 or ctx.shape[1:] != (n_ctx, self.ctx_dim) or ctx.shape[0] not in (
-            1, num_classes
-        ):
-            raise PromptError(
-                f"context of shape {tuple(ctx.shape)} does not fit prompts tokenized with "
-                f"n_ctx={n_ctx} for {num_classes} classes on a backbone of width "
-                f"{self.ctx_dim}: expected [{n_ctx}, {self.ctx_dim}], [1, {n_ctx}, "
-                f"{self.ctx_dim}] or [{num_classes}, {n_ctx}, {self.ctx_dim}]"
-            )
+        self._check_context(ctx, tokens)
+        num_classes = tokens.num_classes
         chunk = chunk_size or self.text_chunk_size
         use_checkpoint = self.gradient_checkpointing if checkpoint is None else checkpoint
         use_checkpoint = use_checkpoint and ctx.requires_grad and torch.is_grad_enabled()
@@ -238,6 +230,18 @@ class VisionLanguageBackbone(nn.Module, ABC):
                 out = self._encode_chunk(part_ctx, tokens, start, stop)
             features.append(out)
         return torch.cat(features, dim=0)
+
+    def _check_context(self, ctx: Tensor, tokens: ClassPromptTokens) -> None:
+        num_classes, n_ctx = tokens.num_classes, tokens.n_ctx
+        if ctx.dim() != 3 or ctx.shape[1:] != (n_ctx, self.ctx_dim) or ctx.shape[0] not in (
+            1, num_classes
+        ):
+            raise PromptError(
+                f"context of shape {tuple(ctx.shape)} does not fit prompts tokenized with "
+                f"n_ctx={n_ctx} for {num_classes} classes on a backbone of width "
+                f"{self.ctx_dim}: expected [{n_ctx}, {self.ctx_dim}], [1, {n_ctx}, "
+                f"{self.ctx_dim}] or [{num_classes}, {n_ctx}, {self.ctx_dim}]"
+            )
 
     def _encode_chunk(self, ctx: Tensor, tokens: ClassPromptTokens, start: int,
                       stop: int) -> Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import transformers
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
-from fedprompt.backbones.base import VisionLanguageBackbone
+from fedprompt.backbones.base import ClassPromptTokens, VisionLanguageBackbone
 from fedprompt.backbones.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -105,6 +105,8 @@ class CLIPBackbone(VisionLanguageBackbone):
         self.max_text_length = text_config.max_position_embeddings
         self.eos_token_id = tokenizer.eos_token_id
         self._identity: dict[str, Any] | None = None
+        #: encode a context shared by all classes once (exact; see encode_class_prompts)
+        self.prefix_sharing = True
         self.freeze()
 
     # ------------------------------------------------------------------ building
@@ -204,6 +206,99 @@ class CLIPBackbone(VisionLanguageBackbone):
     # ---------------------------------------------------------------------- text
     def token_embedding(self, input_ids: Tensor) -> Tensor:
         return self.model.text_model.embeddings.token_embedding(input_ids)
+
+    # ------------------------------------------------------- shared-prefix text path
+    def encode_class_prompts(self, ctx: Tensor, tokens: ClassPromptTokens,
+                             chunk_size: int | None = None,
+                             checkpoint: bool | None = None) -> Tensor:
+        """As the base class, but when one context serves every class, the start token and
+        the context (positions ``0..n_ctx``) are encoded once instead of once per class.
+
+        CLIP's text encoder is causal: hidden states at a position depend only on earlier
+        tokens, so the shared prefix ``[SOS] ctx`` has the same hidden states, keys and
+        values for every class. We run it once per layer and let each class's suffix
+        (class name, ".", end token) attend to the shared keys/values, like a KV cache.
+        This is exact (tested against the full per-class pass) and makes both the forward
+        and the backward pass several times cheaper when n_ctx is large relative to class
+        names (the CoOp / DP-FPL setting).
+        """
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0)
+        if ctx.shape[0] != 1 or not self.prefix_sharing or tokens.num_classes == 1:
+            return super().encode_class_prompts(ctx, tokens, chunk_size, checkpoint)
+        self._check_context(ctx, tokens)
+        chunk = chunk_size or self.text_chunk_size
+        use_checkpoint = self.gradient_checkpointing if checkpoint is None else checkpoint
+        use_checkpoint = use_checkpoint and ctx.requires_grad and torch.is_grad_enabled()
+        n_ctx = tokens.n_ctx
+        frozen = tokens.embeddings
+        prefix = torch.cat([frozen[:1, :1], ctx.to(frozen.dtype)], dim=1)  # [1, P, W]
+        with self.autocast():
+            prefix_kv = self._encode_prefix(prefix)
+            features = []
+            for start in range(0, tokens.num_classes, chunk):
+                stop = min(start + chunk, tokens.num_classes)
+                suffix = frozen[start:stop, 1 + n_ctx :]
+                eos = tokens.eos_positions[start:stop] - (1 + n_ctx)
+                if use_checkpoint:
+                    out = torch.utils.checkpoint.checkpoint(
+                        self._encode_suffix, suffix, eos, prefix_kv, use_reentrant=False
+                    )
+                else:
+                    out = self._encode_suffix(suffix, eos, prefix_kv)
+                features.append(out)
+        return torch.cat(features).float()
+
+    def _heads(self, x: Tensor, attn: nn.Module) -> Tensor:
+        return x.view(*x.shape[:-1], attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    def _encode_prefix(self, prefix: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Run the shared prefix through every layer; keep each layer's keys/values."""
+        text_model = self.model.text_model
+        length = prefix.shape[1]
+        hidden = prefix + text_model.embeddings.position_embedding.weight[:length]
+        causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
+        cache = []
+        for layer in text_model.encoder.layers:
+            attn = layer.self_attn
+            normed = layer.layer_norm1(hidden)
+            q = self._heads(attn.q_proj(normed), attn)
+            k = self._heads(attn.k_proj(normed), attn)
+            v = self._heads(attn.v_proj(normed), attn)
+            cache.append((k, v))
+            scores = (q @ k.transpose(-1, -2)) * attn.scale
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            out = (probs @ v).transpose(1, 2).reshape(hidden.shape)
+            hidden = hidden + attn.out_proj(out)
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        return cache
+
+    def _encode_suffix(self, suffix: Tensor, eos: Tensor,
+                       prefix_kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Per-class suffixes attending to the shared prefix keys/values (causally)."""
+        text_model = self.model.text_model
+        offset = prefix_kv[0][0].shape[2]
+        length = suffix.shape[1]
+        positions = text_model.embeddings.position_embedding.weight[offset : offset + length]
+        hidden = suffix + positions
+        causal = torch.ones(length, length, dtype=torch.bool, device=suffix.device).tril()
+        for layer, (k_prefix, v_prefix) in zip(text_model.encoder.layers, prefix_kv,
+                                               strict=True):
+            attn = layer.self_attn
+            normed = layer.layer_norm1(hidden)
+            q = self._heads(attn.q_proj(normed), attn)
+            k = self._heads(attn.k_proj(normed), attn)
+            v = self._heads(attn.v_proj(normed), attn)
+            to_prefix = (q @ k_prefix.transpose(-1, -2)) * attn.scale  # [c, h, S, P]
+            to_self = ((q @ k.transpose(-1, -2)) * attn.scale).masked_fill(
+                ~causal, float("-inf"))
+            probs = torch.cat([to_prefix, to_self], dim=-1).softmax(dim=-1)
+            out = probs[..., :offset] @ v_prefix + probs[..., offset:] @ v
+            hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        hidden = text_model.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+        return self.model.text_projection(pooled)
 
     def encode_prompt_embeddings(self, embeddings: Tensor, eos_positions: Tensor) -> Tensor:
         text_model = self.model.text_model

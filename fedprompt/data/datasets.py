@@ -297,6 +297,6 @@ def load_dataset(config: DataConfig) -> DataSplits:
         splits = digits(seed=seed, test_fraction=config.test_fraction)
     else:
         splits = image_folder(config.dataset, seed=seed, test_fraction=config.test_fraction)
-    if config.max_train_per_class is not None:
+    if config.max_train_per_class:
         splits = DataSplits(few_shot(splits.train, config.max_train_per_class, seed), splits.test)
     return splits

@@ -25,15 +25,17 @@ __all__ = [
 
 
 def build_prompt_learner(config: PromptConfig, backbone: VisionLanguageBackbone,
-                         num_classes: int, seed: int = 0) -> PromptLearner:
-    """The learner a run's ``[prompt]`` section asks for, on the backbone's device."""
+                         num_classes: int, seed: int = 0,
+                         share_context: bool = True) -> PromptLearner:
+    """The learner a run's ``[prompt]`` section asks for, on the backbone's device.
+    ``share_context=False`` makes CoOp's context personal (local-only training)."""
     generator = torch.Generator().manual_seed(seed)
     init = backbone.embed_text(config.ctx_init).cpu() if config.ctx_init else None
     common = dict(init_std=config.init_std, init_embeddings=init, generator=generator)
     n_ctx, width = config.n_ctx, backbone.ctx_dim
     learner: PromptLearner
     if config.learner == "coop":
-        learner = CoOpPrompt(n_ctx, width, num_classes, **common)
+        learner = CoOpPrompt(n_ctx, width, num_classes, shared=share_context, **common)
     elif config.learner == "global-local":
         learner = GlobalLocalPrompt(n_ctx, width, num_classes, **common)
     elif config.learner == "fedpgp":

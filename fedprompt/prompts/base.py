@@ -109,6 +109,11 @@ class PromptLearner(nn.Module, ABC):
     def after_load(self) -> None:
         """Hook: recompute derived tensors after new state was loaded."""
 
+    def local_dp_names(self) -> list[str]:
+        """Tensors that get per-sample clipping and noise under local DP (the privatization
+        of DP-FPL's paper for this kind of prompt). Default: the personal tensors."""
+        return self.names_with(TensorRole.PERSONAL)
+
     # --------------------------------------------------------------- training
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps: shared and personal tensors (not transient ones)."""

@@ -116,6 +116,10 @@ class DPFPLPrompt(_GlobalPlusLocal):
         self.local_u.grad = None
         self.local_v.grad = None
 
+    def local_dp_names(self) -> list[str]:
+        # DP-FPL adds local noise to the low-rank carriers only, never to the residual.
+        return ["local_u", "local_v"]
+
     def residual_ctx(self) -> Tensor:
         """``r = p_L - u v`` (never noised; excluded from gradient reconstruction)."""
         return (self.local_ctx - self.local_u @ self.local_v).detach()

@@ -81,7 +81,7 @@ def run_local(config: RunConfig, progress: bool = True,
     backbone = build_backbone(config.backbone)
     splits = load_dataset(config.data)
     train_idx = test_idx = neighbor_idx = None
-    if config.data.client is not None:
+    if config.data.client >= 0:
         part = partition(splits, config.data)[config.data.client]
         train_idx, test_idx = part.train, part.local_test
         neighbor_idx = part.neighbor_test if len(part.neighbor_test) else None
@@ -169,7 +169,7 @@ def run_local(config: RunConfig, progress: bool = True,
             "train_size": len(train_idx) if train_idx is not None else len(splits.train),
             "test_size": sources.test.labels.numel(),
             "neighbor_test_size": sources.neighbor.labels.numel() if sources.neighbor else 0,
-            "client": config.data.client,
+            "client": config.data.client if config.data.client >= 0 else None,
         },
         "before": before,
         "epochs": epochs,

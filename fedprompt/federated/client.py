@@ -1,0 +1,285 @@
+"""What a federated client does in a round, independent of Flower.
+
+:class:`ClientSession` holds one client's data partition, cached image features and
+prompt learner. :meth:`ClientSession.train` loads the shared tensors the server sent and
+the client's persistent :class:`ClientState` (personal tensors, optimizer and schedule
+state, privacy accountant, random generator states), trains for
+``federation.local_epochs`` (DP-SGD where configured), and returns the update of the
+shared tensors, metrics, and the new state. Nothing personal leaves in the update.
+
+Heavy objects (backbone, data set, image features) are cached per process and shared by
+all clients a process serves (the in-process runner, Ray actors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedprompt.backbones import VisionLanguageBackbone, build_backbone
+from fedprompt.config import BackboneConfig, DataConfig, RunConfig
+from fedprompt.data import FeatureBatches, FeatureCache, load_dataset, partition
+from fedprompt.data.datasets import DataSplits
+from fedprompt.data.features import default_cache_dir
+from fedprompt.data.partition import ClientPartition
+from fedprompt.federated.methods import build_method_learner
+from fedprompt.privacy.accounting import (
+    Accountant,
+    calibrate_noise,
+    nominal_noise_multiplier,
+)
+from fedprompt.privacy.dp_sgd import DPLocalTrainer, PoissonBatches, poisson_plan
+from fedprompt.prompts import TensorRole
+from fedprompt.training.model import PromptedClassifier
+from fedprompt.training.trainer import LocalTrainer
+
+_BACKBONES: dict[str, VisionLanguageBackbone] = {}
+_SPLITS: dict[str, DataSplits] = {}
+_FEATURES: dict[tuple[str, str], Tensor] = {}
+
+
+def _key(model: Any) -> str:
+    return json.dumps(model.model_dump(mode="json"), sort_keys=True)
+
+
+def cached_backbone(config: BackboneConfig) -> VisionLanguageBackbone:
+    key = _key(config)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = build_backbone(config)
+    return _BACKBONES[key]
+
+
+def cached_splits(config: DataConfig) -> DataSplits:
+    relevant = config.model_copy(update={"num_clients": 1, "client": -1})
+    key = _key(relevant)
+    if key not in _SPLITS:
+        _SPLITS[key] = load_dataset(config)
+    return _SPLITS[key]
+
+
+def cached_features(config: RunConfig, backbone: VisionLanguageBackbone,
+                    splits: DataSplits) -> tuple[Tensor, Tensor]:
+    key = (_key(config.backbone), _key(config.data.model_copy(update={"num_clients": 1})))
+    if key not in _FEATURES:
+        cache_dir = (Path(config.data.cache_dir).expanduser() if config.data.cache_dir
+                     else default_cache_dir()) if config.data.feature_cache else None
+        cache = FeatureCache(backbone, cache_dir, config.backbone.image_batch_size)
+        _FEATURES[key] = (cache.get(splits.train), cache.get(splits.test))
+    return _FEATURES[key]
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from the run seed and identifiers (stable across processes)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class ClientState:
+    """Everything a client keeps between rounds; never sent to the server."""
+
+    personal: dict[str, Tensor] = field(default_factory=dict)
+    optimizer: bytes = b""  # optimizer + LR schedule state (torch.save)
+    accountant: str = ""  # accountant history (JSON)
+    generator: bytes = b""  # DP noise generator state
+    learner_rng: bytes = b""  # the learner's own generator (DP-FPL's power method)
+    rounds_trained: int = 0
+
+
+@dataclass
+class TrainOutcome:
+    update: dict[str, Tensor]
+    metrics: dict[str, float | int]
+    state: ClientState
+    declined_reason: str = ""
+
+
+class ClientSession:
+    """One client's data, features and learner (``partition_id`` of ``num_partitions``)."""
+
+    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int) -> None:
+        self.config = config
+        self.partition_id = partition_id
+        self.backbone = cached_backbone(config.backbone)
+        self.splits = cached_splits(config.data)
+        data_config = config.data.model_copy(update={"num_clients": num_partitions})
+        self.part: ClientPartition = partition(self.splits, data_config)[partition_id]
+        train_all, test_all = cached_features(config, self.backbone, self.splits)
+        self.train_features = train_all[torch.as_tensor(self.part.train)]
+        self.train_labels = self.splits.train.labels[self.part.train]
+        self.local_test = (test_all[torch.as_tensor(self.part.local_test)],
+                           self.splits.test.labels[self.part.local_test])
+        self.neighbor_test = (test_all[torch.as_tensor(self.part.neighbor_test)],
+                              self.splits.test.labels[self.part.neighbor_test])
+        self.learner = build_method_learner(config, self.backbone, len(self.splits.classnames))
+        self.classifier = PromptedClassifier(self.backbone, self.learner,
+                                             self.splits.classnames)
+        self.initial_personal = self.learner.personal_state()
+        self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
+                                                              config.train.batch_size)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_examples(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def round_steps(self) -> int:
+        return self.config.federation.local_epochs * self.steps_per_epoch
+
+    @property
+    def planned_steps(self) -> int:
+        return self.config.federation.rounds * self.round_steps
+
+    @property
+    def local_dp(self) -> bool:
+        privacy = self.config.privacy
+        return privacy.mode != "off" and privacy.local
+
+    def local_noise_multiplier(self) -> float:
+        privacy = self.config.privacy
+        if privacy.mode == "noise-multiplier":
+            return privacy.local_noise_multiplier
+        if privacy.mode == "nominal":
+            return nominal_noise_multiplier(privacy.epsilon, privacy.delta,
+                                            self.config.federation.rounds)
+        return calibrate_noise(privacy.epsilon, privacy.delta, self.sample_rate,
+                               self.planned_steps, privacy.accountant)
+
+    def _load(self, shared: dict[str, Tensor], state: ClientState | None) -> ClientState:
+        state = state or ClientState(personal=self.initial_personal)
+        learner_rng = getattr(self.learner, "generator", None)
+        if isinstance(learner_rng, torch.Generator):
+            # DP-FPL's power method draws from the client's own stream across rounds, so
+            # results do not depend on which process served earlier messages.
+            learner_rng.set_state(self._generator(state.learner_rng, "power").get_state())
+        if self.learner.names_with(TensorRole.SHARED):
+            self.learner.load_shared_state(shared)
+        self.learner.load_personal_state(state.personal or self.initial_personal)
+        return state
+
+    def _generator(self, saved: bytes, purpose: str) -> torch.Generator:
+        """A generator continuing from ``saved``, else freshly seeded: from the run seed
+        where noise must be reproducible, from the OS's CSPRNG otherwise."""
+        generator = torch.Generator()
+        if saved:
+            generator.set_state(_load_tensor(saved))
+        elif self.config.privacy.reproducible_noise or purpose == "power":
+            generator.manual_seed(derived_seed(self.config.seed, purpose, self.partition_id))
+        else:
+            generator.manual_seed(secrets.randbits(63))
+        return generator
+
+    # -------------------------------------------------------------------- train
+    def train(self, shared: dict[str, Tensor], state: ClientState | None,
+              server_round: int) -> TrainOutcome:
+        config = self.config
+        state = self._load(shared, state)
+        received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
+        accountant = (Accountant.from_json(state.accountant) if state.accountant
+                      else Accountant(config.privacy.accountant))
+        metrics: dict[str, float | int] = {
+            "partition-id": self.partition_id, "num-examples": self.num_examples,
+            "server-round": server_round,
+        }
+        total_steps = self.planned_steps
+        generator = self._generator(state.generator, "noise")
+        sampling_seed = (derived_seed(config.seed, "batches", self.partition_id, server_round)
+                         if config.privacy.reproducible_noise or not self.local_dp
+                         else secrets.randbits(63))
+        device = self.backbone.device
+        if self.local_dp:
+            noise = self.local_noise_multiplier()
+            budget_check = config.privacy.mode != "nominal"
+            projected = accountant.epsilon_after(noise, self.sample_rate, self.round_steps,
+                                                 config.privacy.delta)
+            metrics |= {"noise-multiplier": noise, "sample-rate": self.sample_rate}
+            if budget_check and projected > config.privacy.epsilon * (1 + 1e-6):
+                reason = (f"privacy budget spent: epsilon would reach {projected:.4f} > "
+                          f"{config.privacy.epsilon} after this round; declining to train")
+                metrics |= {"declined": 1, "epsilon": accountant.epsilon(config.privacy.delta),
+                            "steps": 0}
+                return TrainOutcome({}, metrics, state, reason)
+            trainer: LocalTrainer = DPLocalTrainer(
+                self.classifier, config.train, total_steps, noise_multiplier=noise,
+                clip_norm=config.privacy.clip_norm, sample_rate=self.sample_rate,
+                expected_batch_size=self.sample_rate * self.num_examples,
+                accountant=accountant, generator=generator,
+                chunk=config.privacy.per_sample_chunk,
+            )
+            batches: Any = PoissonBatches(self.train_features, self.train_labels,
+                                          self.sample_rate, self.steps_per_epoch,
+                                          seed=sampling_seed, device=device)
+        else:
+            trainer = LocalTrainer(self.classifier, config.train, total_steps)
+            batches = FeatureBatches(self.train_features, self.train_labels,
+                                     config.train.batch_size, shuffle=True,
+                                     seed=sampling_seed, device=device)
+        if state.optimizer:
+            trainer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
+        learner_rng = getattr(self.learner, "generator", None)
+        loss_sum, correct, samples = 0.0, 0, 0
+        for _ in range(config.federation.local_epochs):
+            stats = trainer.train_epoch(batches)
+            loss_sum += stats.loss * stats.samples if stats.samples else 0.0
+            correct += round(stats.accuracy * stats.samples) if stats.samples else 0
+            samples += stats.samples
+        update = {k: (v - received[k]).detach().cpu()
+                  for k, v in self.learner.shared_state().items()}
+        new_state = ClientState(
+            personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
+            optimizer=_dump(trainer.state_dict()),
+            accountant=accountant.to_json(),
+            generator=_dump(generator.get_state()),
+            learner_rng=_dump(learner_rng.get_state())
+            if isinstance(learner_rng, torch.Generator) else b"",
+            rounds_trained=state.rounds_trained + 1,
+        )
+        metrics |= {
+            "declined": 0, "steps": trainer.steps_taken,
+            "train-loss": loss_sum / samples if samples else float("nan"),
+            "train-accuracy": correct / samples if samples else float("nan"),
+            "epsilon": accountant.epsilon(config.privacy.delta) if self.local_dp else -1.0,
+        }
+        if self.local_dp and config.privacy.mode == "nominal":
+            metrics["nominal-epsilon"] = config.privacy.epsilon
+        return TrainOutcome(update, metrics, new_state)
+
+    # ----------------------------------------------------------------- evaluate
+    def evaluate(self, shared: dict[str, Tensor], state: ClientState | None) -> dict[
+        str, float | int
+    ]:
+        self._load(shared, state)
+        trainer = LocalTrainer(self.classifier, self.config.train, 1)
+        batch = self.config.train.eval_batch_size
+        device = self.backbone.device
+        local = trainer.evaluate(FeatureBatches(*self.local_test, batch, shuffle=False,
+                                                device=device))
+        metrics: dict[str, float | int] = {
+            "partition-id": self.partition_id, "num-examples": local.samples,
+            "local-accuracy": local.accuracy, "local-loss": local.loss,
+        }
+        if len(self.neighbor_test[1]):
+            neighbor = trainer.evaluate(FeatureBatches(*self.neighbor_test, batch,
+                                                       shuffle=False, device=device))
+            metrics |= {"neighbor-accuracy": neighbor.accuracy,
+                        "neighbor-loss": neighbor.loss}
+        return metrics
+
+
+def _dump(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _load_tensor(data: bytes) -> Tensor:
+    return torch.load(io.BytesIO(data), weights_only=True)

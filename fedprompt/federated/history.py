@@ -1,0 +1,225 @@
+"""Per-round, per-client record of a federated run, and its results folder.
+
+Files written (all updated after every round, so an interrupted run keeps what it did):
+
+* ``metrics.json``: schema ``fedprompt.federated/1``; ``rounds`` holds, per round, every
+  client's train metrics (loss, accuracy, steps, epsilon, declined) and evaluation
+  metrics (local and neighbor accuracy/loss), the server's aggregation info (accepted,
+  rejected with reasons, clipped, noise std, global epsilon) and a ``summary`` (mean and
+  standard deviation across clients);
+* ``rounds.csv`` (one row per round) and ``clients.csv`` (one row per round and client);
+* ``privacy_ledger.json``: each client's and the server's accountant epsilon per round,
+  with the nominal epsilon beside it when the nominal recipe is used;
+* ``accuracy.png``: local and neighbor accuracy per round (mean and spread).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import fedprompt
+from fedprompt.config import RunConfig
+from fedprompt.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedprompt.results import write_json
+
+if TYPE_CHECKING:
+    from fedprompt.federated.server import ClientReply
+
+ROUND_COLUMNS = [
+    "round", "clients_trained", "declined", "rejected", "train_loss_mean",
+    "local_accuracy_mean", "local_accuracy_std", "neighbor_accuracy_mean",
+    "neighbor_accuracy_std", "local_epsilon_max", "global_epsilon",
+]
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    clean = [v for v in values if v is not None and math.isfinite(v)]
+    if not clean:
+        return None, None
+    return float(np.mean(clean)), float(np.std(clean))
+
+
+class FederatedHistory:
+    def __init__(self, config: RunConfig, num_clients: int, server_noise: float,
+                 shared_names: Sequence[str] = (), local_dp_names: Sequence[str] = ()) -> None:
+        self.config = config
+        self.shared_names = sorted(shared_names)
+        self.local_dp_names = list(local_dp_names)
+        self.num_clients = num_clients
+        self.server_noise = server_noise
+        self.started = time.time()
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.client_ledgers: dict[int, PrivacyLedger] = {}
+        self.server_ledger = PrivacyLedger("server", config.privacy.delta)
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round, "train": {},
+                                                     "evaluate": {}, "server": {}})
+
+    @staticmethod
+    def _client(reply: ClientReply) -> int:
+        return int(reply.metrics.get("partition-id", reply.node_id))
+
+    def record_train(self, server_round: int, replies: Sequence[ClientReply],
+                     info: dict[str, Any]) -> None:
+        record = self._round(server_round)
+        privacy = self.config.privacy
+        for reply in replies:
+            cid = self._client(reply)
+            metrics = dict(reply.metrics)
+            if reply.error:
+                metrics["error"] = reply.error
+            if reply.declined_reason:
+                metrics["declined_reason"] = reply.declined_reason
+            record["train"][cid] = metrics
+            if metrics.get("epsilon", -1.0) >= 0 and not reply.declined_reason:
+                ledger = self.client_ledgers.setdefault(
+                    cid, PrivacyLedger(f"client-{cid}", privacy.delta))
+                ledger.record(LedgerEntry(
+                    party=f"client-{cid}", mechanism="DP-SGD (Opacus DPOptimizer)",
+                    tensors=self.local_dp_names,
+                    noise_multiplier=float(metrics.get("noise-multiplier", 0.0)),
+                    clipping_norm=privacy.clip_norm,
+                    sample_rate=float(metrics.get("sample-rate", 0.0)),
+                    steps=int(metrics.get("steps", 0)), accountant=privacy.accountant,
+                    epsilon=float(metrics["epsilon"]), delta=privacy.delta,
+                    round=server_round,
+                    nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
+                ))
+        record["server"] = info
+        if info.get("global_epsilon") is not None:
+            self.server_ledger.record(LedgerEntry(
+                party="server", mechanism="Gaussian noise on the clipped mean of shared updates",
+                tensors=self.shared_names, noise_multiplier=self.server_noise,
+                clipping_norm=privacy.server_clip_norm,
+                sample_rate=self.config.federation.fraction_train, steps=server_round,
+                accountant=privacy.accountant, epsilon=float(info["global_epsilon"]),
+                delta=privacy.delta, round=server_round,
+                nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
+            ))
+
+    def record_evaluate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        record = self._round(server_round)
+        for reply in replies:
+            metrics = dict(reply.metrics)
+            if reply.error:
+                metrics["error"] = reply.error
+            record["evaluate"][self._client(reply)] = metrics
+
+    # ------------------------------------------------------------------ summary
+    def summary(self, server_round: int) -> dict[str, Any]:
+        record = self.rounds[server_round]
+        train = record["train"].values()
+        evaluate = record["evaluate"].values()
+        local_mean, local_std = _stats([m.get("local-accuracy") for m in evaluate])
+        neighbor_mean, neighbor_std = _stats([m.get("neighbor-accuracy") for m in evaluate])
+        loss_mean, _ = _stats([m.get("train-loss") for m in train if not m.get("declined")])
+        eps = [m.get("epsilon", -1.0) for m in train if m.get("epsilon", -1.0) >= 0]
+        return {
+            "round": server_round,
+            "clients_trained": sum(1 for m in train if not m.get("declined")
+                                   and "error" not in m),
+            "declined": sum(1 for m in train if m.get("declined")),
+            "rejected": len(record["server"].get("rejected", [])),
+            "train_loss_mean": loss_mean,
+            "local_accuracy_mean": local_mean, "local_accuracy_std": local_std,
+            "neighbor_accuracy_mean": neighbor_mean, "neighbor_accuracy_std": neighbor_std,
+            "local_epsilon_max": max(eps) if eps else None,
+            "global_epsilon": record["server"].get("global_epsilon"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        privacy = self.config.privacy
+        rounds = []
+        for r in sorted(self.rounds):
+            record = dict(self.rounds[r])
+            record["summary"] = self.summary(r)
+            rounds.append(record)
+        final = rounds[-1]["summary"] if rounds else {}
+        return {
+            "schema": "fedprompt.federated/1",
+            "run": {"name": self.config.name, "method": self.config.federation.method,
+                    "seed": self.config.seed, "clients": self.num_clients,
+                    "rounds": self.config.federation.rounds,
+                    "seconds": time.time() - self.started, "fedprompt": fedprompt.__version__},
+            "privacy": {"mode": privacy.mode, "local": privacy.local and privacy.mode != "off",
+                        "server": privacy.server and privacy.mode != "off",
+                        "label": "nominal" if privacy.mode == "nominal" else "accountant",
+                        "nominal_epsilon": privacy.epsilon if privacy.mode == "nominal"
+                        else None,
+                        "target_epsilon": privacy.epsilon
+                        if privacy.mode == "target-epsilon" else None,
+                        "delta": privacy.delta, "server_noise_multiplier": self.server_noise},
+            "rounds": rounds,
+            "final": final,
+        }
+
+    # ------------------------------------------------------------------- output
+    def write(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        write_json(out / "metrics.json", data)
+        with (out / "rounds.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)
+            writer.writeheader()
+            for record in data["rounds"]:
+                writer.writerow(record["summary"])
+        rows = []
+        for record in data["rounds"]:
+            clients = set(record["train"]) | set(record["evaluate"])
+            for cid in sorted(clients):
+                row = {"round": record["round"], "client": cid}
+                row |= {f"train_{k}": v for k, v in record["train"].get(cid, {}).items()}
+                row |= {f"eval_{k}": v for k, v in record["evaluate"].get(cid, {}).items()}
+                rows.append(row)
+        columns = sorted({k for row in rows for k in row} - {"round", "client"})
+        with (out / "clients.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["round", "client", *columns])
+            writer.writeheader()
+            writer.writerows(rows)
+        ledgers = [self.server_ledger] + [self.client_ledgers[c]
+                                          for c in sorted(self.client_ledgers)]
+        PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")
+        plot_rounds(data, out / "accuracy.png")
+
+
+def plot_rounds(data: dict[str, Any], path: Path) -> None:
+    """Local and neighbor accuracy per round: mean across clients, +- one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    summaries = [r["summary"] for r in data["rounds"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, label in [("local_accuracy", "local"), ("neighbor_accuracy", "neighbor")]:
+        points = [(s["round"], s[f"{key}_mean"], s[f"{key}_std"]) for s in summaries
+                  if s[f"{key}_mean"] is not None]
+        if not points:
+            continue
+        x, mean, std = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        ax.plot(x, mean, marker="o", label=f"{label} accuracy")
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    privacy = data["privacy"]
+    tag = "no DP" if privacy["mode"] == "off" else (
+        f"nominal eps {privacy['nominal_epsilon']}" if privacy["label"] == "nominal"
+        else privacy["mode"])
+    ax.set_title(f"{data['run']['name']}: {data['run']['method']}, "
+                 f"{data['run']['clients']} clients ({tag})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (mean +- std over clients)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""The federated methods, one config key each (``federation.method``).
+
+A method is a prompt learner plus what it shares; the learner itself declares which of
+its tensors are shared, personal, and privatized under local DP, so the client and server
+code never look inside a method.
+
+| method | learner | shared | local DP on |
+|---|---|---|---|
+| local-only | CoOp, context personal | nothing | the context |
+| promptfl | CoOp | the context (FedAvg) | the context |
+| fedpgp | global + u v (u, v trained directly) | global | u, v |
+| dpfpl | global + u v + r, re-factorized every step | global | u, v |
+| dpfpl-no-residual | global + u v | global | u, v |
+| dpfpl-full-rank | global + full-rank local | global | the local prompt |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedprompt.backbones.base import VisionLanguageBackbone
+from fedprompt.config import PromptConfig, RunConfig
+from fedprompt.prompts import PromptLearner, build_prompt_learner
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    learner: str
+    residual: bool = True
+    shares: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {
+    "local-only": MethodSpec("local-only", "coop", shares=False),
+    "promptfl": MethodSpec("promptfl", "coop"),
+    "fedpgp": MethodSpec("fedpgp", "fedpgp"),
+    "dpfpl": MethodSpec("dpfpl", "dpfpl"),
+    "dpfpl-no-residual": MethodSpec("dpfpl-no-residual", "dpfpl", residual=False),
+    "dpfpl-full-rank": MethodSpec("dpfpl-full-rank", "global-local"),
+}
+
+
+def method_prompt_config(config: RunConfig) -> PromptConfig:
+    """``[prompt]`` with the learner and residual flag the method fixes."""
+    spec = METHODS[config.federation.method]
+    return config.prompt.model_copy(update={"learner": spec.learner,
+                                            "residual": spec.residual})
+
+
+def build_method_learner(config: RunConfig, backbone: VisionLanguageBackbone,
+                         num_classes: int) -> PromptLearner:
+    """The learner of ``federation.method``, initialised from the run seed (so the server
+    and every client start from the same shared tensors)."""
+    spec = METHODS[config.federation.method]
+    return build_prompt_learner(method_prompt_config(config), backbone, num_classes,
+                                seed=config.seed, share_context=spec.shares)

@@ -1,0 +1,142 @@
+"""The server's side of a federated run, independent of Flower.
+
+:class:`FederatedServer` holds the shared tensors, samples clients, validates and
+aggregates their updates (with global DP where configured), keeps the server-side
+accountant for the shared prompt, and records everything in a
+:class:`~fedprompt.federated.history.FederatedHistory`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedprompt.config import RunConfig
+from fedprompt.federated.aggregation import (
+    UpdateRejected,
+    average_updates,
+    dp_average,
+    noise_generator,
+    validate_update,
+)
+from fedprompt.federated.client import derived_seed
+from fedprompt.federated.history import FederatedHistory
+from fedprompt.privacy.accounting import Accountant, calibrate_noise, nominal_noise_multiplier
+
+log = logging.getLogger("fedprompt.server")
+
+
+@dataclass
+class ClientReply:
+    """What the strategy hands over from one reply message."""
+
+    node_id: int
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    update: dict[str, np.ndarray | Tensor] | None = None
+    error: str = ""
+    declined_reason: str = ""
+
+
+class FederatedServer:
+    def __init__(self, config: RunConfig, shared: dict[str, Tensor], num_clients: int,
+                 local_dp_names: Sequence[str] = ()) -> None:
+        self.config = config
+        self.shared = {k: v.detach().cpu().float().clone() for k, v in shared.items()}
+        self.expected = {k: tuple(v.shape) for k, v in self.shared.items()}
+        self.num_clients = num_clients
+        privacy = config.privacy
+        fed = config.federation
+        self.sample_rate = fed.fraction_train
+        self.global_dp = privacy.mode != "off" and privacy.server and bool(self.shared)
+        self.accountant = Accountant(privacy.accountant)
+        self.noise_multiplier = 0.0
+        if self.global_dp:
+            if privacy.mode == "noise-multiplier":
+                self.noise_multiplier = privacy.server_noise_multiplier
+            elif privacy.mode == "nominal":
+                self.noise_multiplier = nominal_noise_multiplier(privacy.epsilon,
+                                                                 privacy.delta, fed.rounds)
+            else:
+                self.noise_multiplier = calibrate_noise(privacy.epsilon, privacy.delta,
+                                                        self.sample_rate, fed.rounds,
+                                                        privacy.accountant)
+        reproducible = privacy.reproducible_noise or privacy.mode == "off"
+        self.generator = noise_generator(
+            derived_seed(config.seed, "server-noise") if reproducible else None)
+        self.sampler = np.random.default_rng(
+            derived_seed(config.seed, "sampling") if reproducible else secrets.randbits(63))
+        self.history = FederatedHistory(config, num_clients, self.noise_multiplier,
+                                        list(self.shared), local_dp_names)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, node_ids: Sequence[int]) -> list[int]:
+        """Poisson sampling at rate ``federation.fraction_train`` (all nodes at 1.0)."""
+        nodes = sorted(node_ids)
+        if self.sample_rate >= 1.0:
+            return nodes
+        keep = self.sampler.random(len(nodes)) < self.sample_rate
+        return [n for n, k in zip(nodes, keep, strict=True) if k]
+
+    # --------------------------------------------------------------- aggregation
+    def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        """Validate the round's replies and update the shared tensors."""
+        accepted: list[dict[str, Tensor]] = []
+        weights: list[float] = []
+        rejected: list[dict[str, object]] = []
+        for reply in sorted(replies, key=lambda r: r.metrics.get("partition-id", r.node_id)):
+            who = reply.metrics.get("partition-id", f"node {reply.node_id}")
+            if reply.error:
+                rejected.append({"client": who, "reason": f"client error: {reply.error}"})
+                log.warning("round %d: client %s failed: %s", server_round, who, reply.error)
+                continue
+            if reply.declined_reason:
+                log.info("round %d: client %s declined: %s", server_round, who,
+                         reply.declined_reason)
+                continue
+            if not self.shared:
+                continue
+            try:
+                update = validate_update(reply.update or {}, self.expected,
+                                         self.config.federation.max_update_norm)
+            except UpdateRejected as exc:
+                rejected.append({"client": who, "reason": str(exc)})
+                log.warning("round %d: rejected the update of client %s: %s", server_round,
+                            who, exc)
+                continue
+            accepted.append(update)
+            weights.append(float(reply.metrics.get("num-examples", 1)))
+        info: dict[str, object] = {"accepted": len(accepted), "rejected": rejected}
+        if self.shared:
+            if self.global_dp:
+                result = dp_average(accepted, self.shared, self.config.privacy.server_clip_norm,
+                                    self.noise_multiplier,
+                                    denominator=self.sample_rate * self.num_clients,
+                                    generator=self.generator)
+                self.accountant.step(self.noise_multiplier, self.sample_rate)
+                mean = result.update
+                info |= {"clipped": result.clipped, "noise_std": result.noise_std,
+                         "update_norms": result.norms}
+            else:
+                equal = self.config.federation.weighting == "equal"
+                mean = average_updates(accepted, self.shared, None if equal else weights)
+            lr = self.config.federation.server_lr
+            self.shared = {k: v + lr * mean[k] for k, v in self.shared.items()}
+        info["global_epsilon"] = (self.accountant.epsilon(self.config.privacy.delta)
+                                  if self.global_dp else None)
+        self.history.record_train(server_round, replies, info)
+
+    def record_evaluation(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        self.history.record_evaluate(server_round, replies)
+
+    def shared_numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.shared.items()}
+
+
+def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}

@@ -1,0 +1,115 @@
+"""Local DP-SGD for prompt learners: our per-sample gradients, Opacus' clipping, noise and
+accounting.
+
+Per step:
+
+1. the learner prepares its tensors (DP-FPL: re-factorize ``p_L`` into ``u``, ``v``);
+2. :func:`~fedprompt.privacy.per_sample.per_sample_gradients` gives exact per-sample
+   gradients of the privatized tensors (``learner.local_dp_names()``) and batch-mean
+   gradients of the other trainable tensors, with one text-encoder pass;
+3. Opacus' :class:`~opacus.optimizers.DPOptimizer` clips every sample's gradient to
+   ``C`` (jointly over the privatized tensors), sums, adds ``N(0, (z C)^2)`` and divides by
+   the expected batch size; its step hook advances the accountant by one step at the real
+   sampling rate;
+4. the learner finishes its gradients (DP-FPL: Eq. 4 from the noisy ``u``, ``v``
+   gradients to ``p_L``) and the learner's own optimizer steps.
+
+Batches are drawn by Poisson sampling (each example independently with probability
+``q = batch_size / n``), which is what the RDP/PRV accountants' subsampled Gaussian
+analysis assumes; the batch size varies and may be zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from torch import Tensor
+
+from fedprompt.config import TrainConfig
+from fedprompt.privacy.accounting import Accountant
+from fedprompt.privacy.per_sample import per_sample_gradients
+from fedprompt.training.model import PromptedClassifier
+from fedprompt.training.trainer import LocalTrainer
+
+
+class PoissonBatches:
+    """``steps`` batches per pass, each example included with probability ``sample_rate``."""
+
+    def __init__(self, features: Tensor, labels: np.ndarray | Tensor, sample_rate: float,
+                 steps: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.features = features.to(device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(self.steps):
+            mask = self.rng.random(len(self.labels)) < self.sample_rate
+            idx = torch.as_tensor(np.flatnonzero(mask), device=self.features.device)
+            yield self.features[idx], self.labels[idx]
+
+
+def poisson_plan(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """Sampling rate ``q = min(1, B/n)`` and steps per epoch ``ceil(n/B)``."""
+    return min(1.0, batch_size / num_examples), max(1, -(-num_examples // batch_size))
+
+
+class DPLocalTrainer(LocalTrainer):
+    """:class:`LocalTrainer` whose steps are DP-SGD steps on the privatized tensors."""
+
+    def __init__(self, classifier: PromptedClassifier, config: TrainConfig, total_steps: int,
+                 *, noise_multiplier: float, clip_norm: float, sample_rate: float,
+                 expected_batch_size: float, accountant: Accountant,
+                 generator: torch.Generator | None = None, chunk: int = 4) -> None:
+        super().__init__(classifier, config, total_steps)
+        learner = classifier.learner
+        self.private = [getattr(learner, name) for name in learner.local_dp_names()]
+        private_ids = {id(p) for p in self.private}
+        self.public = [p for p in learner.trainable_parameters() if id(p) not in private_ids]
+        self.accountant = accountant
+        self.sample_rate = sample_rate
+        self.chunk = chunk
+        # Opacus does clipping, noise and accounting; its inner optimizer is never stepped
+        # (the learner's own optimizer applies the update after Eq. 4, where it applies).
+        self.dp_optimizer = DPOptimizer(
+            torch.optim.SGD(self.private, lr=0.0), noise_multiplier=noise_multiplier,
+            max_grad_norm=clip_norm, expected_batch_size=max(1, round(expected_batch_size)),
+            loss_reduction="mean", generator=generator,
+        )
+        self.dp_optimizer.attach_step_hook(
+            lambda opt: accountant.step(opt.noise_multiplier, sample_rate)
+        )
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.dp_optimizer.noise_multiplier)
+
+    def train_step(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
+        self.learner.train()
+        self.learner.prepare_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dp_optimizer.zero_grad(set_to_none=True)
+        result = per_sample_gradients(self.classifier, features, labels, self.private,
+                                      self.public, self.chunk)
+        for param, grads in zip(self.private, result.per_sample, strict=True):
+            param.grad_sample = grads
+        for param, grad in zip(self.public, result.public, strict=True):
+            param.grad = grad
+        self.dp_optimizer.pre_step()  # clip, sum, noise, scale; accountant.step
+        for param in self.private:
+            param.grad_sample = None
+            param.summed_grad = None
+        self.learner.finalize_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_taken += 1
+        if len(labels) == 0:
+            return 0.0, 0
+        return result.loss * len(labels), result.correct
