@@ -17,6 +17,7 @@ the error messages.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -360,3 +361,24 @@ def load_config(
             source = "--set"
         config = config.with_overrides(pairs, source=source)
     return config
+
+
+#: run_config key naming a TOML file to load (Flower apps); env var of the same role
+CONFIG_FILE_KEY = "config"
+CONFIG_FILE_ENV = "FEDPROMPT_CONFIG"
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from Flower's flat ``run_config``.
+
+    Flower fuses the app's defaults (``[tool.flwr.app.config]`` in ``pyproject.toml``,
+    which mirror :class:`RunConfig`'s defaults) with ``--run-config`` overrides, so only
+    keys whose value differs from the default are treated as overrides. They apply on top
+    of the TOML file named by the ``config`` key (or the ``FEDPROMPT_CONFIG`` environment
+    variable), which applies on top of the defaults.
+    """
+    flat = dict(run_config)
+    path = str(flat.pop(CONFIG_FILE_KEY, "") or os.environ.get(CONFIG_FILE_ENV, ""))
+    defaults = flatten(RunConfig().to_dict())
+    overrides = {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
+    return load_config(path or None, overrides)

@@ -13,7 +13,6 @@ all clients a process serves (the in-process runner, Ray actors).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import secrets
@@ -38,6 +37,7 @@ from fedprompt.privacy.accounting import (
 )
 from fedprompt.privacy.dp_sgd import DPLocalTrainer, PoissonBatches, poisson_plan
 from fedprompt.prompts import TensorRole
+from fedprompt.seeding import batch_seed, derived_seed
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import LocalTrainer
 
@@ -76,12 +76,6 @@ def cached_features(config: RunConfig, backbone: VisionLanguageBackbone,
     return _FEATURES[key]
 
 
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from the run seed and identifiers (stable across processes)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 @dataclass
 class ClientState:
     """Everything a client keeps between rounds; never sent to the server."""
@@ -91,6 +85,7 @@ class ClientState:
     accountant: str = ""  # accountant history (JSON)
     generator: bytes = b""  # DP noise generator state
     learner_rng: bytes = b""  # the learner's own generator (DP-FPL's power method)
+    batch_rng: str = ""  # the batch-order / Poisson-sampling generator (JSON)
     rounds_trained: int = 0
 
 
@@ -123,6 +118,11 @@ class ClientSession:
         self.classifier = PromptedClassifier(self.backbone, self.learner,
                                              self.splits.classnames)
         self.initial_personal = self.learner.personal_state()
+        rng = getattr(self.learner, "generator", None)
+        # the learner's own stream (DP-FPL's power method) starts where initialisation left
+        # it, exactly as in a one-site run
+        self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
+                                    else b"")
         self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
                                                               config.train.batch_size)
 
@@ -156,14 +156,14 @@ class ClientSession:
 
     def _load(self, shared: dict[str, Tensor], state: ClientState | None) -> ClientState:
         state = state or ClientState(personal=self.initial_personal)
+        if self.learner.names_with(TensorRole.SHARED):
+            self.learner.load_shared_state(shared)
+        self.learner.load_personal_state(state.personal or self.initial_personal)
         learner_rng = getattr(self.learner, "generator", None)
         if isinstance(learner_rng, torch.Generator):
             # DP-FPL's power method draws from the client's own stream across rounds, so
             # results do not depend on which process served earlier messages.
-            learner_rng.set_state(self._generator(state.learner_rng, "power").get_state())
-        if self.learner.names_with(TensorRole.SHARED):
-            self.learner.load_shared_state(shared)
-        self.learner.load_personal_state(state.personal or self.initial_personal)
+            learner_rng.set_state(_load_tensor(state.learner_rng or self.initial_learner_rng))
         return state
 
     def _generator(self, saved: bytes, purpose: str) -> torch.Generator:
@@ -172,7 +172,7 @@ class ClientSession:
         generator = torch.Generator()
         if saved:
             generator.set_state(_load_tensor(saved))
-        elif self.config.privacy.reproducible_noise or purpose == "power":
+        elif self.config.privacy.reproducible_noise:
             generator.manual_seed(derived_seed(self.config.seed, purpose, self.partition_id))
         else:
             generator.manual_seed(secrets.randbits(63))
@@ -192,7 +192,7 @@ class ClientSession:
         }
         total_steps = self.planned_steps
         generator = self._generator(state.generator, "noise")
-        sampling_seed = (derived_seed(config.seed, "batches", self.partition_id, server_round)
+        sampling_seed = (batch_seed(config.seed, self.partition_id)
                          if config.privacy.reproducible_noise or not self.local_dp
                          else secrets.randbits(63))
         device = self.backbone.device
@@ -223,6 +223,8 @@ class ClientSession:
             batches = FeatureBatches(self.train_features, self.train_labels,
                                      config.train.batch_size, shuffle=True,
                                      seed=sampling_seed, device=device)
+        if state.batch_rng:  # batch order continues across rounds, as epochs do one-site
+            batches.rng.bit_generator.state = json.loads(state.batch_rng)
         if state.optimizer:
             trainer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
         learner_rng = getattr(self.learner, "generator", None)
@@ -241,6 +243,7 @@ class ClientSession:
             generator=_dump(generator.get_state()),
             learner_rng=_dump(learner_rng.get_state())
             if isinstance(learner_rng, torch.Generator) else b"",
+            batch_rng=json.dumps(batches.rng.bit_generator.state),
             rounds_trained=state.rounds_trained + 1,
         )
         metrics |= {

@@ -219,7 +219,8 @@ def plot_rounds(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("accuracy (mean +- std over clients)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_lines():
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

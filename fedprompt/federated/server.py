@@ -25,9 +25,9 @@ from fedprompt.federated.aggregation import (
     noise_generator,
     validate_update,
 )
-from fedprompt.federated.client import derived_seed
 from fedprompt.federated.history import FederatedHistory
 from fedprompt.privacy.accounting import Accountant, calibrate_noise, nominal_noise_multiplier
+from fedprompt.seeding import derived_seed
 
 log = logging.getLogger("fedprompt.server")
 

@@ -37,7 +37,7 @@ from fedprompt.data.features import default_cache_dir
 from fedprompt.privacy import PrivacyLedger
 from fedprompt.prompts import build_prompt_learner
 from fedprompt.results import create_run_dir, plot_epoch_accuracy, write_json
-from fedprompt.seeding import seed_everything
+from fedprompt.seeding import batch_seed, seed_everything
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import EvalStats, LocalTrainer
 
@@ -81,6 +81,7 @@ def run_local(config: RunConfig, progress: bool = True,
     backbone = build_backbone(config.backbone)
     splits = load_dataset(config.data)
     train_idx = test_idx = neighbor_idx = None
+    client = config.data.client
     if config.data.client >= 0:
         part = partition(splits, config.data)[config.data.client]
         train_idx, test_idx = part.train, part.local_test
@@ -111,10 +112,12 @@ def run_local(config: RunConfig, progress: bool = True,
         feats = train_all if train_idx is None else train_all[torch.as_tensor(train_idx)]
         labels = splits.train.labels if train_idx is None else splits.train.labels[train_idx]
         train_batches: Any = FeatureBatches(feats, labels, cfg_train.batch_size, shuffle=True,
-                                            seed=config.seed, device=device)
+                                            seed=batch_seed(config.seed, max(0, client)),
+                                            device=device)
     else:
         train_batches = ImageBatches(backbone, _select(splits.train, train_idx, "train"),
-                                     cfg_train.batch_size, shuffle=True, seed=config.seed,
+                                     cfg_train.batch_size, shuffle=True,
+                                     seed=batch_seed(config.seed, max(0, client)),
                                      augment=cfg_train.augment)
     sources = _Sources(train_batches, eval_batches(test_idx),
                        eval_batches(neighbor_idx) if neighbor_idx is not None else None)

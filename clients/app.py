@@ -1,0 +1,101 @@
+"""fedprompt's Flower ClientApp (Message API).
+
+* ``train``: load the shared tensors from the message and this client's persistent state
+  from ``context.state`` (personal prompt parts, optimizer and LR-schedule state, privacy
+  accountant, generator states), train locally (DP-SGD where configured), save the state
+  back, and reply with the update of the shared tensors plus metrics. A client whose
+  privacy budget is spent replies without an update, with ``declined = 1`` and the reason
+  in its ``ConfigRecord``.
+* ``evaluate``: local and neighbor accuracy of the personalized prompt (received shared
+  tensors + personal parts).
+
+The client's partition comes from ``context.node_config`` (``partition-id``,
+``num-partitions``: set by the simulation engine, or by ``flower-supernode
+--node-config`` in a deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprompt.config import from_run_config
+from fedprompt.federated import ClientSession, ClientState
+
+# Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
+logging.getLogger("flwr").propagate = False
+
+app = ClientApp()
+
+_SESSIONS: dict[tuple[str, int, int], ClientSession] = {}
+PERSONAL_KEY = "fedprompt.personal"
+STATE_KEY = "fedprompt.state"
+
+
+def _session(context: Context) -> ClientSession:
+    config = from_run_config(context.run_config)
+    node = context.node_config
+    try:
+        partition_id = int(node["partition-id"])
+        num_partitions = int(node["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(
+            f"node_config has no {exc.args[0]!r}: start the SuperNode with --node-config "
+            "\"partition-id=<i> num-partitions=<n>\" (the simulation engine sets both)"
+        ) from None
+    key = (config.model_dump_json(), partition_id, num_partitions)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = ClientSession(config, partition_id, num_partitions)
+    return _SESSIONS[key]
+
+
+def _load_state(context: Context) -> ClientState | None:
+    if STATE_KEY not in context.state:
+        return None
+    blobs = context.state[STATE_KEY]
+    personal = context.state[PERSONAL_KEY].to_torch_state_dict()
+    return ClientState(
+        personal=dict(personal), optimizer=blobs["optimizer"], accountant=blobs["accountant"],
+        generator=blobs["generator"], learner_rng=blobs["learner_rng"],
+        batch_rng=blobs["batch_rng"],
+        rounds_trained=int(blobs["rounds_trained"]),
+    )
+
+
+def _save_state(context: Context, state: ClientState) -> None:
+    context.state[PERSONAL_KEY] = ArrayRecord(state.personal)
+    context.state[STATE_KEY] = ConfigRecord({
+        "optimizer": state.optimizer, "accountant": state.accountant,
+        "generator": state.generator, "learner_rng": state.learner_rng,
+        "batch_rng": state.batch_rng,
+        "rounds_trained": state.rounds_trained,
+    })
+
+
+def _shared(msg: Message) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    session = _session(context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    outcome = session.train(_shared(msg), _load_state(context), server_round)
+    if not outcome.declined_reason:
+        _save_state(context, outcome.state)
+    content = RecordDict({
+        "arrays": ArrayRecord(outcome.update),
+        "metrics": MetricRecord(outcome.metrics),
+        "config": ConfigRecord({"declined-reason": outcome.declined_reason}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    session = _session(context)
+    metrics = session.evaluate(_shared(msg), _load_state(context))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

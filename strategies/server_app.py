@@ -1,0 +1,62 @@
+"""fedprompt's Flower ServerApp.
+
+Builds the initial shared tensors from the run seed (the same learner every client
+builds), then runs :class:`~strategies.strategy.FedPromptStrategy` for
+``federation.rounds`` rounds. Results go to ``<output_dir>/<name>-<time>/`` (an absolute
+path is logged; under ``flwr run`` a relative ``output_dir`` is resolved against the
+SuperLink's working directory, so prefer an absolute one).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt.config import RunConfig, from_run_config
+from fedprompt.federated import FederatedServer, build_method_learner
+from fedprompt.federated.client import cached_backbone
+from fedprompt.results import create_run_dir
+from fedprompt.seeding import seed_everything
+from strategies.strategy import FedPromptStrategy
+
+log = logging.getLogger("fedprompt.server_app")
+
+app = ServerApp()
+
+
+def build_server(config: RunConfig, num_clients: int) -> FederatedServer:
+    """The server with the initial shared tensors of ``federation.method``.
+
+    Shared tensors do not depend on the number of classes, so the server needs the
+    backbone (context width, text init) but no data.
+    """
+    learner = build_method_learner(config, cached_backbone(config.backbone), num_classes=1)
+    return FederatedServer(config, learner.shared_state(), num_clients,
+                           learner.local_dp_names())
+
+
+def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None) -> Path:
+    """Run all rounds on ``grid``; returns the results folder."""
+    seed_everything(config.seed)
+    num_clients = len(list(grid.get_node_ids()))
+    if num_clients == 0:
+        raise RuntimeError("no SuperNodes are connected: start at least one before the run")
+    out = output_dir or create_run_dir(config)
+    out = out.resolve()
+    log.info("fedprompt: %s with %d clients; results in %s", config.federation.method,
+             num_clients, out)
+    server = build_server(config, num_clients)
+    strategy = FedPromptStrategy(server, out)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(server.shared),
+                   num_rounds=config.federation.rounds, timeout=config.federation.timeout,
+                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    server.history.write(out)
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, from_run_config(context.run_config))

@@ -1,0 +1,199 @@
+"""Federated runs through the real ClientApp/ServerApp code (in-process grid)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.app import PERSONAL_KEY
+from clients.app import app as client_app
+from fedprompt.config import load_config
+from fedprompt.training.run import run_local
+from strategies.inprocess import inprocess_grid, run_inprocess, run_on_grid
+
+BASE = ["backbone.model='clip-tiny'", "data.max_train_per_class=12", "prompt.n_ctx=4",
+        "prompt.rank=2", "train.batch_size=16", "federation.rounds=2"]
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config(overrides=[*BASE, f"output_dir='{tmp_path}'", *overrides])
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_one_client_without_noise_equals_the_one_site_trainer(tmp_path: Path) -> None:
+    fed = _config(tmp_path, "federation.method='dpfpl'", "federation.rounds=3",
+                  "data.num_clients=1")
+    rounds = _metrics(run_inprocess(fed))["rounds"]
+    site = _config(tmp_path, "prompt.learner='dpfpl'", "train.epochs=3", "data.num_clients=1",
+                   "data.client=0")
+    epochs = run_local(site, progress=False).metrics["epochs"]
+    for record, epoch in zip(rounds, epochs, strict=True):
+        client = record["evaluate"]["0"] if "0" in record["evaluate"] else record["evaluate"][0]
+        assert client["local-loss"] == pytest.approx(epoch["test_loss"], abs=1e-6)
+        assert client["local-accuracy"] == pytest.approx(epoch["test_accuracy"], abs=1e-9)
+        train = record["train"]["0"] if "0" in record["train"] else record["train"][0]
+        assert train["train-loss"] == pytest.approx(epoch["train_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["local-only", "promptfl", "fedpgp", "dpfpl",
+                                    "dpfpl-no-residual", "dpfpl-full-rank"])
+def test_every_method_runs_and_shares_only_what_it_declares(tmp_path: Path, method: str) -> None:
+    config = _config(tmp_path, f"federation.method='{method}'", "data.num_clients=3")
+    grid = inprocess_grid(config, 3)
+    out = run_on_grid(grid, config, tmp_path / method)
+    data = _metrics(out)
+    assert len(data["rounds"]) == 2
+    assert data["final"]["clients_trained"] == 3
+    assert data["final"]["local_accuracy_mean"] is not None
+    # personal parts stay in each node's context.state and differ between clients
+    personal = [grid.contexts[n].state[PERSONAL_KEY].to_torch_state_dict() for n in (1, 2, 3)]
+    expected_personal = {"local-only": {"ctx"}, "promptfl": set(), "fedpgp": {"local_u", "local_v"},
+                         "dpfpl": {"local_ctx"}, "dpfpl-no-residual": {"local_ctx"},
+                         "dpfpl-full-rank": {"local_ctx"}}[method]
+    assert set(personal[0]) == expected_personal
+    if expected_personal:
+        name = sorted(expected_personal)[0]
+        assert not torch.equal(personal[0][name], personal[1][name])
+
+
+class _Recorder:
+    """Wraps the ClientApp and records what each train reply carries."""
+
+    def __init__(self, tamper: dict[int, str] | None = None) -> None:
+        self.sent: list[set[str]] = []
+        self.tamper = tamper or {}
+        self.app = ClientApp()
+        self.app.train()(self._train)
+        self.app.evaluate()(lambda msg, ctx: client_app(msg, ctx))
+
+    def _train(self, msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        self.sent.append(set(arrays))
+        how = self.tamper.get(int(context.node_config["partition-id"]))
+        if how is None:
+            return reply
+        name = next(iter(arrays))
+        if how == "nan":
+            arrays[name] = torch.full_like(arrays[name], float("nan"))
+        elif how == "shape":
+            arrays[name] = torch.zeros(3, 3)
+        elif how == "extra":
+            arrays["local_ctx"] = torch.zeros(2, 2)
+        elif how == "huge":
+            arrays[name] = torch.full_like(arrays[name], 1e9)
+        elif how == "int":
+            arrays[name] = torch.zeros_like(arrays[name], dtype=torch.int64)
+        content = RecordDict({"arrays": ArrayRecord(arrays),
+                              "metrics": MetricRecord(dict(reply.content["metrics"]))})
+        return Message(content, reply_to=msg)
+
+
+def test_updates_carry_shared_tensors_only(tmp_path: Path) -> None:
+    recorder = _Recorder()
+    run_inprocess(_config(tmp_path, "federation.method='dpfpl'", "data.num_clients=2"), 2,
+                  client_app=recorder.app)
+    assert recorder.sent and all(keys == {"global_ctx"} for keys in recorder.sent)
+
+
+def test_invalid_replies_are_rejected_with_reasons_and_the_round_goes_on(tmp_path: Path) -> None:
+    tamper = {0: "nan", 1: "shape", 2: "extra", 3: "huge", 4: "int"}
+    recorder = _Recorder(tamper)
+    config = _config(tmp_path, "federation.method='promptfl'", "data.num_clients=6",
+                     "federation.rounds=1")
+    data = _metrics(run_inprocess(config, 6, client_app=recorder.app))
+    server = data["rounds"][0]["server"]
+    assert server["accepted"] == 1
+    reasons = {r["client"]: r["reason"] for r in server["rejected"]}
+    assert "non-finite" in reasons[0] and "shape" in reasons[1]
+    assert "unexpected ['local_ctx']" in reasons[2] and "sanity bound" in reasons[3]
+    assert "dtype" in reasons[4]
+
+
+def test_client_errors_are_logged_and_the_run_completes(tmp_path: Path) -> None:
+    broken = ClientApp()
+
+    @broken.train()
+    def _train(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 1:
+            raise RuntimeError("disk full")
+        return client_app(msg, context)
+
+    broken.evaluate()(lambda msg, ctx: client_app(msg, ctx))
+    data = _metrics(run_inprocess(_config(tmp_path, "data.num_clients=3"), 3,
+                                  client_app=broken))
+    rejected = data["rounds"][0]["server"]["rejected"]
+    assert len(rejected) == 1 and "disk full" in rejected[0]["reason"]
+    assert data["final"]["clients_trained"] == 2
+
+
+def test_local_dp_ledger_grows_and_spent_budget_declines(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.method='dpfpl'", "data.num_clients=2",
+                     "privacy.mode='noise-multiplier'", "privacy.local_noise_multiplier=0.6",
+                     "privacy.server_noise_multiplier=0.6", "privacy.epsilon=17",
+                     "federation.rounds=4")
+    out = run_inprocess(config)
+    data = _metrics(out)
+    eps = [[r["train"][c]["epsilon"] for c in r["train"]] for r in data["rounds"]]
+    declined = [[r["train"][c]["declined"] for c in r["train"]] for r in data["rounds"]]
+    trained_eps = [e for row, d in zip(eps, declined, strict=True) for e, x in zip(row, d,
+                                                                                  strict=True)
+                   if not x]
+    assert trained_eps and all(e > 0 for e in trained_eps)
+    # epsilon grows round over round for a client that keeps training
+    first = [r["train"]["0"]["epsilon"] for r in data["rounds"] if not r["train"]["0"]["declined"]]
+    assert first == sorted(first) and len(set(first)) == len(first)
+    # with this little noise the budget of 17 runs out after two or three rounds
+    assert any(any(row) for row in declined)
+    last = data["rounds"][-1]
+    assert last["summary"]["declined"] >= 1
+    ledger = json.loads((out / "privacy_ledger.json").read_text())["ledgers"]
+    parties = {lg["party"]: lg for lg in ledger}
+    assert parties["server"]["private"] and parties["server"]["epsilon"] > 0
+    client = parties["client-0"]
+    assert [e["round"] for e in client["entries"]] == sorted(e["round"] for e in client["entries"])
+    assert client["entries"][0]["tensors"] == ["local_u", "local_v"]
+    assert all(e["epsilon"] <= 17 for e in client["entries"])
+
+
+def test_target_epsilon_is_met_over_the_planned_rounds(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.method='fedpgp'", "data.num_clients=2",
+                     "privacy.mode='target-epsilon'", "privacy.epsilon=2.0")
+    data = _metrics(run_inprocess(config))
+    final = data["final"]
+    assert 1.5 < final["local_epsilon_max"] <= 2.0 + 1e-6
+    assert 1.5 < final["global_epsilon"] <= 2.0 + 1e-6
+
+
+def test_nominal_recipe_is_labelled_and_reports_the_accountant(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.method='dpfpl'", "data.num_clients=2",
+                     "privacy.mode='nominal'", "privacy.epsilon=1.0")
+    out = run_inprocess(config)
+    data = _metrics(out)
+    assert data["privacy"]["label"] == "nominal" and data["privacy"]["nominal_epsilon"] == 1.0
+    ledger = json.loads((out / "privacy_ledger.json").read_text())["ledgers"]
+    client = next(lg for lg in ledger if lg["party"] == "client-0")
+    entry = client["entries"][-1]
+    assert entry["nominal_epsilon"] == 1.0
+    assert np.isclose(entry["noise_multiplier"], np.sqrt(2 * np.log(1e5)) / 1.0)
+    # the epsilon beside it is the accountant's, over the steps actually taken
+    from fedprompt.privacy.accounting import Accountant
+
+    replay = Accountant("rdp")
+    replay.step(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+    assert entry["epsilon"] == pytest.approx(replay.epsilon(1e-5), rel=1e-9)
+
+
+def test_in_process_runs_are_deterministic(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.method='dpfpl'", "data.num_clients=2",
+                     "privacy.mode='noise-multiplier'", "privacy.reproducible_noise=true")
+    a = _metrics(run_inprocess(config))["rounds"]
+    b = _metrics(run_inprocess(config))["rounds"]
+    assert [r["summary"] for r in a] == [r["summary"] for r in b]
