@@ -11,7 +11,9 @@
 
 The client's partition comes from ``context.node_config`` (``partition-id``,
 ``num-partitions``: set by the simulation engine, or by ``flower-supernode
---node-config`` in a deployment).
+--node-config`` in a deployment). A site whose data lives in its own folder adds
+``dataset="/path/to/imagefolder"`` to its node config: it then trains on all of that
+folder, and ``partition-id`` only names the site.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ logging.getLogger("flwr").propagate = False
 
 app = ClientApp()
 
-_SESSIONS: dict[tuple[str, int, int], ClientSession] = {}
+_SESSIONS: dict[tuple[str, int, int, int], ClientSession] = {}
 PERSONAL_KEY = "fedprompt.personal"
 STATE_KEY = "fedprompt.state"
 
@@ -46,9 +48,14 @@ def _session(context: Context) -> ClientSession:
             f"node_config has no {exc.args[0]!r}: start the SuperNode with --node-config "
             "\"partition-id=<i> num-partitions=<n>\" (the simulation engine sets both)"
         ) from None
-    key = (config.model_dump_json(), partition_id, num_partitions)
+    client_id = partition_id
+    if node.get("dataset"):  # a site with its own data folder trains on all of it
+        config = config.model_copy(update={
+            "data": config.data.model_copy(update={"dataset": str(node["dataset"])})})
+        partition_id, num_partitions = 0, 1
+    key = (config.model_dump_json(), partition_id, num_partitions, client_id)
     if key not in _SESSIONS:
-        _SESSIONS[key] = ClientSession(config, partition_id, num_partitions)
+        _SESSIONS[key] = ClientSession(config, partition_id, num_partitions, client_id)
     return _SESSIONS[key]
 
 

@@ -29,8 +29,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from rich.progress import Progress
 
 from fedprompt.config import RunConfig, flatten, load_config
+from fedprompt.console import make_progress, show_fedprompt_logs
 from fedprompt.errors import FedPromptError
 from strategies.server_app import run_server
 
@@ -42,8 +44,10 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process (node ids 1..N)."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
-                 node_configs: list[dict] | None = None) -> None:
+                 node_configs: list[dict] | None = None,
+                 progress: Progress | None = None) -> None:
         self.client_app = client_app
+        self.progress = progress
         self.node_ids = list(range(1, num_nodes + 1))
         self.contexts = {
             node: Context(run_id=_RUN_ID, node_id=node,
@@ -83,7 +87,20 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        replies = list(self.pull_messages(self.push_messages(messages)))
+        messages = list(messages)
+        task = None
+        if self.progress is not None and messages:
+            kind = messages[0].metadata.message_type
+            group = messages[0].content["config"].get("server-round", "") if (
+                "config" in messages[0].content) else ""
+            task = self.progress.add_task(f"round {group} {kind}", total=len(messages),
+                                          info="")
+        ids = []
+        for message in messages:
+            ids.extend(self.push_messages([message]))
+            if task is not None:
+                self.progress.advance(task)
+        replies = list(self.pull_messages(ids))
         return sorted(replies, key=lambda m: m.metadata.src_node_id)
 
     # ----------------------------------------------------------------------------
@@ -108,20 +125,25 @@ class InProcessGrid(Grid):
 
 
 def inprocess_grid(config: RunConfig, num_clients: int | None = None,
-                   client_app: ClientApp | None = None) -> InProcessGrid:
+                   client_app: ClientApp | None = None,
+                   progress: Progress | None = None) -> InProcessGrid:
     """A grid of ``num_clients`` (default ``data.num_clients``) nodes whose run_config is
     ``config``, running ``client_app`` (default: fedprompt's ClientApp)."""
     if client_app is None:
         from clients.app import app as client_app
     n = num_clients or config.data.num_clients
-    return InProcessGrid(client_app, n, run_config=flatten(config.to_dict()))
+    return InProcessGrid(client_app, n, run_config=flatten(config.to_dict()),
+                         progress=progress)
 
 
 def run_inprocess(config: RunConfig, num_clients: int | None = None,
-                  client_app: ClientApp | None = None,
-                  output_dir: Path | None = None) -> Path:
-    """Run ``config`` in-process; returns the results folder."""
-    return run_on_grid(inprocess_grid(config, num_clients, client_app), config, output_dir)
+                  client_app: ClientApp | None = None, output_dir: Path | None = None,
+                  progress: bool = False) -> Path:
+    """Run ``config`` in-process; returns the results folder. ``progress`` shows a rich
+    progress bar per round and message type."""
+    with make_progress(progress) as bar:
+        grid = inprocess_grid(config, num_clients, client_app, bar if progress else None)
+        return run_on_grid(grid, config, output_dir)
 
 
 def run_on_grid(grid: InProcessGrid, config: RunConfig, output_dir: Path | None = None) -> Path:
@@ -140,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, help="number of clients (default: "
                         "data.num_clients)")
     args = parser.parse_args(argv)
+    show_fedprompt_logs()
     try:
         config = load_config(args.config, args.overrides)
-        out = run_inprocess(config, args.clients)
+        out = run_inprocess(config, args.clients, progress=True)
     except FedPromptError as exc:
         print(f"fedprompt-sim: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.config import RunConfig, from_run_config
+from fedprompt.console import show_fedprompt_logs
 from fedprompt.federated import FederatedServer, build_method_learner
 from fedprompt.federated.client import cached_backbone
 from fedprompt.results import create_run_dir
@@ -59,4 +60,5 @@ def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None) ->
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    show_fedprompt_logs()
     run_server(grid, from_run_config(context.run_config))

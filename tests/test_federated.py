@@ -197,3 +197,33 @@ def test_in_process_runs_are_deterministic(tmp_path: Path) -> None:
     a = _metrics(run_inprocess(config))["rounds"]
     b = _metrics(run_inprocess(config))["rounds"]
     assert [r["summary"] for r in a] == [r["summary"] for r in b]
+
+
+def test_a_site_with_its_own_data_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from strategies.inprocess import InProcessGrid
+
+    rng = np.random.default_rng(0)
+    sites = []
+    for site in ("a", "b"):
+        for split, count in (("train", 6), ("test", 2)):
+            for cls in ("cat", "dog"):
+                folder = tmp_path / site / split / cls
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                        folder / f"{i}.png")
+        sites.append(str(tmp_path / site))
+    config = _config(tmp_path, "federation.method='dpfpl'", "federation.rounds=1",
+                     "data.max_train_per_class=0")
+    from fedprompt.config import flatten
+
+    grid = InProcessGrid(client_app, 2, run_config=flatten(config.to_dict()), node_configs=[
+        {"partition-id": 0, "num-partitions": 2, "dataset": sites[0]},
+        {"partition-id": 1, "num-partitions": 2, "dataset": sites[1]},
+    ])
+    data = _metrics(run_on_grid(grid, config, tmp_path / "out"))
+    train = data["rounds"][0]["train"]
+    assert {int(k) for k in train} == {0, 1}
+    assert all(m["num-examples"] == 12 for m in train.values())  # each site's whole folder

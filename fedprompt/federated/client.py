@@ -98,15 +98,20 @@ class TrainOutcome:
 
 
 class ClientSession:
-    """One client's data, features and learner (``partition_id`` of ``num_partitions``)."""
+    """One client's data, features and learner: partition ``partition_id`` of
+    ``num_partitions`` of ``data.dataset``. ``client_id`` (default: the partition id)
+    names the client in metrics and seeds its random streams; a site with its own data
+    folder uses partition 0 of 1 under its own client id."""
 
-    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int) -> None:
+    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int,
+                 client_id: int | None = None) -> None:
         self.config = config
-        self.partition_id = partition_id
+        self.partition_id = partition_id if client_id is None else client_id
         self.backbone = cached_backbone(config.backbone)
         self.splits = cached_splits(config.data)
         data_config = config.data.model_copy(update={"num_clients": num_partitions})
         self.part: ClientPartition = partition(self.splits, data_config)[partition_id]
+        # from here on, partition_id names the client (metrics, seeds)
         train_all, test_all = cached_features(config, self.backbone, self.splits)
         self.train_features = train_all[torch.as_tensor(self.part.train)]
         self.train_labels = self.splits.train.labels[self.part.train]

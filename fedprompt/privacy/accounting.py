@@ -25,6 +25,15 @@ from fedprompt.errors import ConfigError
 
 AccountantName = Literal["rdp", "prv"]
 
+#: RDP orders: Opacus' defaults extended to large orders, which matter when the noise is
+#: small (the bound is valid for any order set; more orders give a tighter epsilon)
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [
+    64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
+
+
+def _epsilon_kwargs(kind: str) -> dict:
+    return {"alphas": RDP_ORDERS} if kind == "rdp" else {}
+
 
 def nominal_noise_multiplier(epsilon: float, delta: float, rounds: int) -> float:
     """DP-FPL's nominal recipe: ``sqrt(rounds * ln(1/delta)) / epsilon``."""
@@ -40,7 +49,8 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant, epsilon_tolerance=0.005))
+                                          accountant=accountant, epsilon_tolerance=0.005,
+                                          **_epsilon_kwargs(accountant)))
     except ValueError as exc:
         raise ConfigError(
             f"cannot reach epsilon={epsilon} at delta={delta} over {steps} steps with "
@@ -78,7 +88,7 @@ class Accountant:
         """Epsilon spent so far (0 before any noisy step)."""
         if not self._impl.history:
             return 0.0
-        return float(self._impl.get_epsilon(delta=delta))
+        return float(self._impl.get_epsilon(delta=delta, **_epsilon_kwargs(self.kind)))
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int,
                       delta: float) -> float:

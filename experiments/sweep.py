@@ -1,0 +1,485 @@
+"""Run a grid of federated experiments and tabulate it in DP-FPL's layout (Tables 2-4).
+
+    python experiments/sweep.py GRID.toml [--dry-run] [--quick] [--out DIR]
+        [--seeds 1 2 ...] [--set key=value ...] [--report-only] [--threads N]
+
+A grid file names the axes; every cell (data set x method x epsilon x seed) is one
+``strategies.inprocess.run_inprocess`` run::
+
+    name = "table2"                          # default output: results/sweeps/<name>
+    base = "base.toml"                       # optional: config shared by all data sets
+    methods = ["promptfl", "fedpgp", "dpfpl"]
+    epsilons = ["none", 0.4, 0.1]            # "none": privacy.mode = "off"
+    seeds = [1, 2, 3]
+    privacy_mode = "target-epsilon"          # mode of the non-"none" epsilons (or "nominal")
+    report_last_rounds = 1                   # average accuracy over the last k evaluated rounds
+    set = { "federation.rounds" = 10 }       # overrides for every cell
+
+    [[datasets]]                             # one table column each
+    label = "Caltech101"
+    config = "caltech101.toml"               # replaces `base` for this column
+    set = { "data.num_clients" = 10 }        # overrides for this column
+
+    [quick]                                  # --quick: these keys replace the ones above
+    seeds = [0]                              # (`set` is merged instead)
+
+Paths: ``base`` and ``config`` are relative to the grid file; a relative ``data.dataset`` or
+a ``backbone.model`` that starts with ``.`` is relative to the repository root (the folder
+holding ``experiments/``), whatever the working directory. A cell whose data set or
+checkpoint folder does not exist is skipped with the reason printed and recorded.
+Overrides apply in this order: config file, grid ``set``, column ``set``, the cell's axes,
+then ``--set``.
+
+Output folder (default ``results/sweeps/<name>``, ``-quick`` appended with ``--quick``):
+
+* ``sweep.json``: one record per cell (status done/skipped/failed/running, reason, results
+  folder, a fingerprint of the resolved config, the figures read from its metrics.json),
+  rewritten after every cell; a second invocation skips cells done with the same config;
+* ``runs/<cell>-<time>/``: each run's results folder (metrics.json, privacy ledger, plots);
+* ``cells.csv``: one row per cell; ``table.md``: local and neighbor accuracy tables (rows
+  epsilon, columns data sets, "PromptFL / FedPGP / DP-FPL" mean over seeds +- std) with
+  the accountant epsilon spent beside each privacy level; ``accuracy_vs_epsilon.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedprompt.config import RunConfig, flatten, load_config, parse_override
+from fedprompt.console import console, make_progress
+from fedprompt.results import create_run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = "fedprompt.sweep/1"
+METHOD_NAMES = {"promptfl": "PromptFL", "fedpgp": "FedPGP", "dpfpl": "DP-FPL",
+                "local-only": "Local", "dpfpl-no-residual": "DP-FPL w/o r",
+                "dpfpl-full-rank": "DP-FPL full rank"}
+CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason",
+               "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
+               "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
+               "privacy_label", "nominal_epsilon", "seconds", "results"]
+
+
+# ----------------------------------------------------------------------------- grid
+@dataclass
+class Column:
+    label: str
+    config: Path | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    columns: list[Column]
+    methods: list[str]
+    epsilons: list[float | None]  # None: no privacy
+    seeds: list[int]
+    privacy_mode: str = "target-epsilon"
+    report_last_rounds: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_grid(path: Path, quick: bool = False) -> Grid:
+    data = tomllib.loads(path.read_text())
+    if quick:
+        if "quick" not in data:
+            raise SystemExit(f"{path} has no [quick] section, so --quick does not apply")
+        for key, value in data["quick"].items():
+            data[key] = {**data.get(key, {}), **value} if key == "set" else value
+    here = path.parent
+
+    def rel(p: str | None) -> Path | None:
+        return None if p is None else (here / p).resolve()
+
+    columns = []
+    for entry in data.get("datasets", []):
+        if isinstance(entry, str):  # a bare data set path
+            entry = {"label": Path(entry).name, "set": {"data.dataset": entry}}
+        columns.append(Column(entry["label"], rel(entry.get("config", data.get("base"))),
+                              flatten(entry.get("set", {}))))
+    if not columns:
+        raise SystemExit(f"{path} lists no [[datasets]]")
+    epsilons = [None if str(e).lower() == "none" else float(e)
+                for e in data.get("epsilons", ["none"])]
+    return Grid(name=data.get("name", path.stem) + ("-quick" if quick else ""), path=path,
+                columns=columns, methods=list(data["methods"]), epsilons=epsilons,
+                seeds=[int(s) for s in data.get("seeds", [0])],
+                privacy_mode=data.get("privacy_mode", "target-epsilon"),
+                report_last_rounds=int(data.get("report_last_rounds", 1)),
+                overrides=flatten(data.get("set", {})))
+
+
+# ----------------------------------------------------------------------------- cells
+@dataclass
+class Cell:
+    column: Column
+    method: str
+    epsilon: float | None
+    seed: int
+    config: RunConfig
+
+    @property
+    def eps_label(self) -> str:
+        return "none" if self.epsilon is None else f"{self.epsilon:g}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.column.label}/{self.method}/eps={self.eps_label}/seed={self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        resolved = self.config.to_dict()
+        resolved.pop("name"), resolved.pop("output_dir")
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolve(value: str, is_path: bool) -> str:
+    """A relative path, resolved against the repository root."""
+    path = Path(value).expanduser()
+    return str((ROOT / path).resolve()) if is_path and not path.is_absolute() else str(path)
+
+
+def resolve_paths(config: RunConfig) -> RunConfig:
+    data, model = config.data.dataset, config.backbone.model
+    return config.with_overrides({
+        "data.dataset": _resolve(data, data != "digits"),
+        "backbone.model": _resolve(model, model.startswith((".", "~"))),
+    }, source="sweep path resolution")
+
+
+def missing_input(config: RunConfig) -> str | None:
+    """Why ``config`` cannot run here (data set or checkpoint folder absent), or None."""
+    data, model = config.data.dataset, config.backbone.model
+    if data != "digits" and not Path(data).is_dir():
+        return f"data set folder {data} does not exist (edit data.dataset)"
+    if model.startswith(("/", ".", "~")) and not Path(model).is_dir():
+        return f"checkpoint folder {model} does not exist (edit backbone.model)"
+    return None
+
+
+def build_cells(grid: Grid, out: Path, extra: list[str]) -> list[Cell]:
+    cells = []
+    for column in grid.columns:
+        for eps in grid.epsilons:
+            for method in grid.methods:
+                for seed in grid.seeds:
+                    privacy = ({"privacy.mode": "off"} if eps is None else
+                               {"privacy.mode": grid.privacy_mode, "privacy.epsilon": eps})
+                    eps_tag = "none" if eps is None else f"{eps:g}"
+                    name = f"{column.label}-{method}-eps{eps_tag}-s{seed}".replace(" ", "_")
+                    config = load_config(column.config, {
+                        **grid.overrides, **column.overrides, **privacy,
+                        "federation.method": method, "seed": seed, "name": name,
+                        "output_dir": str(out / "runs")})
+                    if extra:
+                        config = config.with_overrides(dict(map(parse_override, extra)), "--set")
+                    cells.append(Cell(column, method, eps, seed, resolve_paths(config)))
+    return cells
+
+
+# ----------------------------------------------------------------------------- running
+def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
+    """Accuracy (mean over clients, averaged over the last evaluated rounds) and the
+    epsilon spent, from a run's metrics.json."""
+    metrics = json.loads((results / "metrics.json").read_text())
+    summaries = [r["summary"] for r in metrics["rounds"]]
+    evaluated = [s for s in summaries if s.get("local_accuracy_mean") is not None]
+    last = evaluated[-last_rounds:]
+
+    def mean(key: str) -> float | None:
+        values = [s[key] for s in last if s.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    def most(key: str) -> float | None:
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        return max(values) if values else None
+
+    privacy = metrics["privacy"]
+    return {"local_accuracy": mean("local_accuracy_mean"),
+            "local_accuracy_client_std": mean("local_accuracy_std"),
+            "neighbor_accuracy": mean("neighbor_accuracy_mean"),
+            "neighbor_accuracy_client_std": mean("neighbor_accuracy_std"),
+            "local_epsilon_max": most("local_epsilon_max"),
+            "global_epsilon": most("global_epsilon"),
+            "privacy_label": privacy["label"] if privacy["mode"] != "off" else "off",
+            "nominal_epsilon": privacy.get("nominal_epsilon"),
+            "rounds_evaluated": [s["round"] for s in last]}
+
+
+def save_index(index: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = True) -> dict:
+    from strategies.inprocess import run_inprocess
+
+    index_path = out / "sweep.json"
+    index = (json.loads(index_path.read_text()) if index_path.is_file()
+             else {"schema": SCHEMA, "cells": {}})
+    index |= {"grid": str(grid.path), "name": grid.name, "updated": time.ctime()}
+    records: dict[str, dict[str, Any]] = index["cells"]
+    counts = {"ran": 0, "already done": 0, "skipped": 0, "failed": 0}
+    with make_progress(show_progress) as progress:
+        task = progress.add_task(grid.name, total=len(cells), info="")
+        for cell in cells:
+            progress.update(task, info=cell.key)
+            old = records.get(cell.key, {})
+            if (old.get("status") == "done" and old.get("fingerprint") == cell.fingerprint
+                    and Path(old.get("results", "")).joinpath("metrics.json").is_file()):
+                counts["already done"] += 1
+                progress.advance(task)
+                continue
+            if old.get("status") == "done":
+                console.print(f"[yellow]rerun[/] {cell.key}: its configuration changed")
+            record: dict[str, Any] = {
+                "dataset": cell.column.label, "method": cell.method, "epsilon": cell.eps_label,
+                "seed": cell.seed, "fingerprint": cell.fingerprint}
+            reason = missing_input(cell.config)
+            if reason:
+                records[cell.key] = record | {"status": "skipped", "reason": reason}
+                console.print(f"[yellow]skip[/] {cell.key}: {reason}")
+                counts["skipped"] += 1
+            else:
+                results = create_run_dir(cell.config)
+                records[cell.key] = record | {"status": "running", "results": str(results)}
+                save_index(index, index_path)
+                start = time.time()
+                try:
+                    run_inprocess(cell.config, output_dir=results)
+                    figures = read_figures(results, grid.report_last_rounds)
+                    records[cell.key] |= {"status": "done", **figures}
+                    counts["ran"] += 1
+                    console.print(f"[green]done[/] {cell.key} in {time.time() - start:.0f} s: "
+                                  f"local {_pct(figures['local_accuracy'])}, neighbor "
+                                  f"{_pct(figures['neighbor_accuracy'])}")
+                except Exception as exc:  # keep going; the record says what happened
+                    records[cell.key] |= {"status": "failed", "reason": repr(exc),
+                                          "traceback": traceback.format_exc()}
+                    counts["failed"] += 1
+                    console.print(f"[red]failed[/] {cell.key}: {exc!r}")
+                records[cell.key]["seconds"] = time.time() - start
+            save_index(index, index_path)
+            progress.advance(task)
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    index["counts"] = counts
+    save_index(index, index_path)
+    return index
+
+
+# ----------------------------------------------------------------------------- reporting
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _stats(values: list[float]) -> tuple[float, float | None] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def _cell_records(index: dict, cells: list[Cell]) -> list[dict[str, Any]]:
+    return [{"key": c.key, **index["cells"].get(c.key, {"status": "not run"}),
+             "dataset": c.column.label, "method": c.method, "epsilon": c.eps_label,
+             "seed": c.seed} for c in cells]
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _group(records: list[dict[str, Any]], dataset: str, eps: str, method: str) -> list[dict]:
+    return [r for r in records if r["dataset"] == dataset and r["epsilon"] == eps
+            and r["method"] == method and r.get("status") == "done"]
+
+
+def _spent(records: list[dict[str, Any]], eps: str) -> str:
+    done = [r for r in records if r["epsilon"] == eps and r.get("status") == "done"]
+    if eps == "none" or not done:
+        return "–"
+    local = [r["local_epsilon_max"] for r in done if r.get("local_epsilon_max") is not None]
+    glob = [r["global_epsilon"] for r in done if r.get("global_epsilon") is not None]
+    text = (f"{max(local):.3g}" if local else "–") + " / " + (f"{max(glob):.3g}" if glob
+                                                                 else "–")
+    nominal = any(r.get("privacy_label") == "nominal" for r in done)
+    return f"nominal {eps}; accountant {text}" if nominal else text
+
+
+def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
+    datasets = [c.label for c in grid.columns]
+    eps_labels = ["none" if e is None else f"{e:g}" for e in grid.epsilons]
+    names = " / ".join(METHOD_NAMES.get(m, m) for m in grid.methods)
+    seeds = ", ".join(str(s) for s in grid.seeds)
+    lines = [f"Grid `{grid.name}` ({grid.path.name}); seeds {seeds}; each cell: {names}, "
+             "accuracy in % (mean over clients"
+             + (f", averaged over the last {grid.report_last_rounds} evaluated rounds"
+                if grid.report_last_rounds > 1 else ", last round")
+             + "), mean over seeds ± sample std over seeds. Privacy mode of the non-'none' "
+             f"rows: `{grid.privacy_mode}`. \"ε spent\": the accountant's epsilon at "
+             "δ from the run, max over clients (local DP) / server (global DP), max over "
+             "the row's runs.", ""]
+    for metric, title in [("local_accuracy", "Local accuracy (Table 2 layout)"),
+                          ("neighbor_accuracy", "Neighbor accuracy (Table 3 layout)")]:
+        lines += [f"### {title}", "", "| ε | " + " | ".join(datasets) + " | ε spent |",
+                  "|---" * (len(datasets) + 2) + "|"]
+        for eps in eps_labels:
+            cells = []
+            for dataset in datasets:
+                parts = []
+                for method in grid.methods:
+                    stats = _stats([r.get(metric) for r in _group(records, dataset, eps, method)])
+                    if stats is None:
+                        parts.append("–")
+                    else:
+                        mean, std = stats
+                        parts.append(f"{100 * mean:.2f}" + ("" if std is None
+                                                            else f" ± {100 * std:.2f}"))
+                cells.append(" / ".join(parts))
+            lines.append(f"| {eps} | " + " | ".join(cells) + f" | {_spent(records, eps)} |")
+        lines.append("")
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.get("status", "not run")] = counts.get(r.get("status", "not run"), 0) + 1
+    lines.append("Cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
+    skipped = sorted({r.get("reason", "") for r in records if r.get("status") == "skipped"})
+    lines += [f"Skipped: {reason}" for reason in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid: Grid, records: list[dict[str, Any]], path: Path) -> None:
+    """Local (top) and neighbor (bottom) accuracy against epsilon, one column per data
+    set, one line per method; "none" (no privacy) drawn as a star at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = sorted(e for e in grid.epsilons if e is not None)
+    none_x = numeric[-1] * 4 if numeric else 1.0
+    fig, axes = plt.subplots(2, len(grid.columns), figsize=(4 * len(grid.columns), 6.5),
+                             dpi=120, squeeze=False, sharex=True)
+    for j, column in enumerate(grid.columns):
+        for i, (metric, label) in enumerate([("local_accuracy", "local"),
+                                             ("neighbor_accuracy", "neighbor")]):
+            ax = axes[i][j]
+            for k, method in enumerate(grid.methods):
+                color = f"C{k}"
+                points = []
+                for eps in numeric:
+                    stats = _stats([r.get(metric) for r in
+                                    _group(records, column.label, f"{eps:g}", method)])
+                    if stats:
+                        points.append((eps, stats[0], stats[1] or 0.0))
+                if points:
+                    x, y, err = (np.array(v) for v in zip(*points, strict=True))
+                    ax.errorbar(x, 100 * y, yerr=100 * err, marker="o", color=color,
+                                capsize=3, label=METHOD_NAMES.get(method, method))
+                base = _stats([r.get(metric) for r in
+                               _group(records, column.label, "none", method)])
+                if base:
+                    ax.errorbar([none_x], [100 * base[0]], yerr=[100 * (base[1] or 0.0)],
+                                marker="*", markersize=12, color=color, capsize=3,
+                                label=None if points else METHOD_NAMES.get(method, method))
+            ax.set_xscale("log")
+            ax.set_xticks([*numeric, none_x], [f"{e:g}" for e in numeric] + ["none"])
+            ax.minorticks_off()
+            if numeric:
+                ax.axvline(math.sqrt(numeric[-1] * none_x), color="grey", lw=0.8, ls=":")
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{column.label}: {label}")
+            if i == 1:
+                ax.set_xlabel("ε (log scale; ★ = no privacy)")
+            if j == 0:
+                ax.set_ylabel(f"{label} accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(grid: Grid, cells: list[Cell], index: dict, out: Path) -> str:
+    records = _cell_records(index, cells)
+    write_csv(records, out / "cells.csv")
+    table = markdown_tables(grid, records)
+    (out / "table.md").write_text(table)
+    plot(grid, records, out / "accuracy_vs_epsilon.png")
+    return table
+
+
+# ----------------------------------------------------------------------------- command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("grid", type=Path, help="grid TOML file")
+    parser.add_argument("--out", type=Path, help="output folder (default: "
+                        "results/sweeps/<grid name>)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="replace the grid's seeds")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override for every cell (applied last)")
+    parser.add_argument("--quick", action="store_true", help="apply the grid's [quick] section")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild table.md, cells.csv and the plot from sweep.json")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round log")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    grid = load_grid(args.grid.resolve(), args.quick)
+    if args.seeds:
+        grid.seeds = args.seeds
+    out = (args.out or ROOT / "results" / "sweeps" / grid.name).resolve()
+    cells = build_cells(grid, out, args.overrides)
+    index_path = out / "sweep.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"cells": {}}
+    if args.dry_run:
+        for cell in cells:
+            old = index["cells"].get(cell.key, {})
+            done = old.get("status") == "done" and old.get("fingerprint") == cell.fingerprint
+            action = "done" if done else (missing_input(cell.config) and
+                                          f"skip: {missing_input(cell.config)}") or "run"
+            print(f"{cell.key}: {action}")
+        print(f"{len(cells)} cells; output folder {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if not args.verbose:
+            for name in ("flwr", "fedprompt"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        index = run_cells(grid, cells, out, show_progress=not args.no_progress)
+    print(report(grid, cells, index, out))
+    print(f"results in {out}")
+    failed = [c.key for c in cells if index["cells"].get(c.key, {}).get("status") == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""experiments/sweep.py: a 2-cell grid (plus a column whose data set is missing) runs,
+writes sweep.json, cells.csv, table.md and the plot, and resumes without rerunning."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SWEEP = Path(__file__).resolve().parents[1] / "experiments" / "sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("fedprompt_sweep", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _grid(tmp_path: Path) -> Path:
+    (tmp_path / "base.toml").write_text(
+        'name = "t"\n[backbone]\nmodel = "clip-tiny"\n'
+        '[prompt]\nn_ctx = 4\nrank = 2\n'
+        '[data]\ndataset = "digits"\nmax_train_per_class = 8\nnum_clients = 2\n'
+        '[federation]\nrounds = 1\n'
+        '[privacy]\nreproducible_noise = true\n')
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        'name = "test-grid"\nbase = "base.toml"\nmethods = ["dpfpl"]\n'
+        'epsilons = ["none", 1.0]\nseeds = [0]\n'
+        '[[datasets]]\nlabel = "digits"\n'
+        '[[datasets]]\nlabel = "absent"\nset = { "data.dataset" = "/nonexistent/data" }\n')
+    return grid
+
+
+def test_sweep_writes_index_table_csv_and_resumes(sweep, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = [str(_grid(tmp_path)), "--out", str(out), "--no-progress"]
+    assert sweep.main(argv) == 0
+
+    index = json.loads((out / "sweep.json").read_text())
+    cells = index["cells"]
+    assert set(cells) == {"digits/dpfpl/eps=none/seed=0", "digits/dpfpl/eps=1/seed=0",
+                          "absent/dpfpl/eps=none/seed=0", "absent/dpfpl/eps=1/seed=0"}
+    for key in ("digits/dpfpl/eps=none/seed=0", "digits/dpfpl/eps=1/seed=0"):
+        assert cells[key]["status"] == "done"
+        assert (Path(cells[key]["results"]) / "metrics.json").is_file()
+        assert 0.0 <= cells[key]["local_accuracy"] <= 1.0
+    assert cells["digits/dpfpl/eps=none/seed=0"]["privacy_label"] == "off"
+    private = cells["digits/dpfpl/eps=1/seed=0"]
+    assert private["privacy_label"] == "accountant"
+    assert 0.0 < private["local_epsilon_max"] <= 1.0 + 1e-6
+    for key in ("absent/dpfpl/eps=none/seed=0", "absent/dpfpl/eps=1/seed=0"):
+        assert cells[key]["status"] == "skipped"
+        assert "/nonexistent/data does not exist" in cells[key]["reason"]
+    assert "skip" in capsys.readouterr().err  # the reason is printed, not only recorded
+
+    with (out / "cells.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["dataset"], r["epsilon"], r["status"]) for r in rows] == [
+        ("digits", "none", "done"), ("digits", "1", "done"),
+        ("absent", "none", "skipped"), ("absent", "1", "skipped")]
+
+    table = (out / "table.md").read_text()
+    assert "| ε | digits | absent | ε spent |" in table
+    local = table.split("### Neighbor")[0]
+    row = next(line for line in local.splitlines() if line.startswith("| 1 |"))
+    assert row.split("|")[3].strip() == "–"  # the skipped column has no number
+    assert float(row.split("|")[2].split("/")[0]) >= 0  # "DP-FPL" local accuracy in %
+    assert "Skipped: data set folder /nonexistent/data does not exist" in table
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2
+    assert sweep.main(argv) == 0  # resume: nothing new runs
+    assert sorted((out / "runs").iterdir()) == runs
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["counts"] == {"ran": 0, "already done": 2, "skipped": 2, "failed": 0}
+    assert again["cells"]["digits/dpfpl/eps=1/seed=0"]["results"] == private["results"]
