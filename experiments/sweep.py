@@ -229,8 +229,13 @@ def save_index(index: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = True) -> dict:
-    from strategies.inprocess import run_inprocess
+def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = True,
+              verbose: bool = False) -> dict:
+    from strategies.inprocess import run_inprocess  # imports flwr, which resets its logger
+
+    if not verbose:
+        for name in ("flwr", "fedprompt"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     index_path = out / "sweep.json"
     index = (json.loads(index_path.read_text()) if index_path.is_file()
@@ -409,7 +414,9 @@ def plot(grid: Grid, records: list[dict[str, Any]], path: Path) -> None:
                 ax.axvline(math.sqrt(numeric[-1] * none_x), color="grey", lw=0.8, ls=":")
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
-            ax.set_title(f"{column.label}: {label}")
+            empty = not any(r["dataset"] == column.label and r.get("status") == "done"
+                            for r in records)
+            ax.set_title(f"{column.label}: {label}" + (" (no runs)" if empty else ""))
             if i == 1:
                 ax.set_xlabel("ε (log scale; ★ = no privacy)")
             if j == 0:
@@ -471,10 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if not args.verbose:
-            for name in ("flwr", "fedprompt"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        index = run_cells(grid, cells, out, show_progress=not args.no_progress)
+        index = run_cells(grid, cells, out, show_progress=not args.no_progress,
+                          verbose=args.verbose)
     print(report(grid, cells, index, out))
     print(f"results in {out}")
     failed = [c.key for c in cells if index["cells"].get(c.key, {}).get("status") == "failed"]

@@ -200,8 +200,9 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     local_noise_multiplier: float = Field(1.0, ge=0, description="noise-multiplier mode")
     server_noise_multiplier: float = Field(1.0, ge=0, description="noise-multiplier mode")
-    clip_norm: float = Field(10.0, gt=0, description="per-sample clipping norm C_L")
-    server_clip_norm: float = Field(10.0, gt=0, description="per-client update clip C_G")
+    clip_norm: float = Field(1.0, gt=0, description="per-sample clipping norm C_L (DP-FPL's "
+                             "paper used 10)")
+    server_clip_norm: float = Field(1.0, gt=0, description="per-client update clip C_G")
     accountant: Literal["rdp", "prv"] = "rdp"
     per_sample_chunk: int = Field(
         8, ge=1, description="per-sample gradients computed this many samples at a time"

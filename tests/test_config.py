@@ -81,3 +81,26 @@ def test_override_values_are_toml_literals() -> None:
     assert parse_override("a=true") == ("a", True)
     assert parse_override("a=hello") == ("a", "hello")
     assert parse_override("a='x y'") == ("a", "x y")
+
+
+def test_flower_app_config_lists_every_key_and_loads() -> None:
+    import tomllib
+
+    from fedprompt.config import flatten, from_run_config, valid_keys
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    flat = flatten(app_config)
+    assert set(flat) == set(valid_keys()) | {"config"}  # Flower accepts only listed keys
+    config = from_run_config(flat)
+    assert config.federation.method == "dpfpl"
+
+
+def test_run_config_overrides_apply_on_top_of_a_named_file(tmp_path: Path) -> None:
+    from fedprompt.config import flatten, from_run_config
+
+    path = tmp_path / "run.toml"
+    path.write_text("[federation]\nrounds = 7\nlocal_epochs = 3\n")
+    flat = flatten(RunConfig().to_dict()) | {"config": str(path), "federation.local_epochs": 2}
+    config = from_run_config(flat)
+    assert config.federation.rounds == 7 and config.federation.local_epochs == 2
