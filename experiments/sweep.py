@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import tomllib
@@ -183,7 +184,7 @@ def build_cells(grid: Grid, out: Path, extra: list[str]) -> list[Cell]:
                     privacy = ({"privacy.mode": "off"} if eps is None else
                                {"privacy.mode": grid.privacy_mode, "privacy.epsilon": eps})
                     eps_tag = "none" if eps is None else f"{eps:g}"
-                    name = f"{column.label}-{method}-eps{eps_tag}-s{seed}".replace(" ", "_")
+                    name = re.sub(r"[^\w.-]+", "_", f"{column.label}-{method}-eps{eps_tag}-s{seed}")
                     config = load_config(column.config, {
                         **grid.overrides, **column.overrides, **privacy,
                         "federation.method": method, "seed": seed, "name": name,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Literal
@@ -40,10 +41,14 @@ def nominal_noise_multiplier(epsilon: float, delta: float, rounds: int) -> float
     return math.sqrt(rounds * math.log(1.0 / delta)) / epsilon
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: AccountantName = "rdp") -> float:
     """Smallest noise multiplier whose accountant epsilon after ``steps`` steps at
-    ``sample_rate`` is at most ``epsilon``."""
+    ``sample_rate`` is at most ``epsilon``.
+
+    Memoized: every client calls it every round with the same arguments, and a binary
+    search over RDP accountants costs seconds at high sampling rates."""
     if steps < 1:
         raise ConfigError("noise calibration needs at least one planned step")
     try:
