@@ -85,3 +85,97 @@ def reduce_prompt(domain_ctx: Tensor, out_dim: int, seed: int) -> np.ndarray:
         reduced = flat @ projection_matrix(flat.numel(), out_dim, seed)
     reduced = reduced / reduced.norm().clamp_min(1e-12)
     return reduced.numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ClusteringSettings:
+    """Everything a clustering backend needs; build it from ``[clustering]`` config.
+
+    ``dim``: length of the reduced vectors; ``k_max``: adaptive k in [1, k_max];
+    ``iterations``: Lloyd iterations per candidate k; ``seed``: run seed (the k-means
+    start of round r derives from it and r); ``min_silhouette``: k = 1 unless some
+    k >= 2 has a higher mean silhouette (see :mod:`fedprompt.secure.kmeans`).
+
+    Secure backend only: ``n_parties`` compute parties (>= 2) plus CrypTen's trusted
+    third party for Beaver triples; ``timeout_s`` bounds every wait of a round;
+    ``host`` and ``base_port`` place the spawned processes (port 0: free ports are
+    picked); ``party_addresses`` (``"host:port"`` per party, in rank order) connects to
+    parties already running ``python -m fedprompt.secure.party`` instead of spawning;
+    ``centroid_noise_multiplier`` > 0 reveals centroids with Gaussian noise of std
+    ``multiplier * centroid_clip`` on every cluster sum (vectors have norm <= clip);
+    ``verify_range`` checks every submission's range under MPC as well.
+    """
+
+    dim: int = 64
+    k_max: int = 4
+    iterations: int = 10
+    seed: int = 0
+    min_silhouette: float = 0.3
+    n_parties: int = 2
+    timeout_s: float = 120.0
+    host: str = "127.0.0.1"
+    base_port: int = 0
+    party_addresses: tuple[str, ...] = ()
+    auth_token: str = ""  # control-channel secret for party_addresses (else per-spawn)
+    centroid_noise_multiplier: float = 0.0
+    centroid_clip: float = 1.0
+    verify_range: bool = True
+    startup_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dim < 1:
+            problems.append(f"dim must be >= 1, got {self.dim}")
+        if self.k_max < 1:
+            problems.append(f"k_max must be >= 1, got {self.k_max}")
+        if self.iterations < 0:
+            problems.append(f"iterations must be >= 0, got {self.iterations}")
+        if not -1.0 <= self.min_silhouette <= 1.0:
+            problems.append(f"min_silhouette must be in [-1, 1], got {self.min_silhouette}")
+        if self.n_parties < 2:
+            problems.append(f"n_parties must be >= 2 (non-colluding parties), got "
+                            f"{self.n_parties}")
+        if self.timeout_s <= 0 or self.startup_timeout_s <= 0:
+            problems.append("timeouts must be > 0")
+        if self.centroid_noise_multiplier < 0 or self.centroid_clip <= 0:
+            problems.append("centroid_noise_multiplier must be >= 0 and centroid_clip > 0")
+        if self.party_addresses and len(self.party_addresses) != self.n_parties:
+            problems.append(f"party_addresses names {len(self.party_addresses)} parties, "
+                            f"n_parties is {self.n_parties}")
+        if problems:
+            raise ValueError("invalid ClusteringSettings: " + "; ".join(problems))
+
+
+def round_seed(seed: int, round_id: int) -> int:
+    """The seed of one round's k-means (its public start index)."""
+    return derived_seed(seed, "kmeans-round", round_id)
+
+
+def make_backend(settings: ClusteringSettings, kind: str = "secure") -> ClusteringBackend:
+    """``kind`` "secure" (CrypTen compute parties) or "plaintext" (INSECURE reference)."""
+    if kind == "plaintext":
+        from fedprompt.secure.plaintext_clustering import PlaintextClustering
+
+        return PlaintextClustering(settings)
+    if kind == "secure":
+        from fedprompt.secure.mpc_clustering import SecureClustering
+
+        return SecureClustering(settings)
+    raise ValueError(f"unknown clustering backend {kind!r}: use 'secure' or 'plaintext'")
+
+
+def seal(vector: np.ndarray, material: dict[str, bytes], round_id: int,
+         client_id: int) -> bytes:
+    """Client side, without the backend object: seal with whichever backend produced
+    ``material`` (its ``"backend"`` entry). Raises :class:`ShareRejected` for a vector
+    outside the fixed-point range and ``ValueError`` for unknown material."""
+    kind = material.get("backend", b"")
+    if kind == b"plaintext":
+        from fedprompt.secure.plaintext_clustering import PlaintextClustering
+
+        return PlaintextClustering.seal(vector, material, round_id, client_id)
+    if kind == b"secure":
+        from fedprompt.secure.sealing import seal_vector
+
+        return seal_vector(vector, material, round_id, client_id)
+    raise ValueError(f"clustering material names an unknown backend {kind!r}")
