@@ -1,0 +1,239 @@
+"""A federated client's round on a generative backbone (LLaVA), independent of Flower.
+
+:class:`GenerativeClientSession` is a :class:`~fedprompt.federated.client.ClientSession`
+whose data are image + question + answer records (classification as generation, or a
+JSONL question-answer set) and whose local step is
+:class:`~fedprompt.training.generative.GenerativeTrainer` (or its DP-SGD twin). Everything
+a round exchanges is unchanged: the learner of ``federation.method`` declares its shared,
+personal and privatized tensors, the client replies with the update of the shared tensors
+and the same metrics (``local-accuracy``, ``epsilon``, ...), and its personal state stays
+in :class:`~fedprompt.federated.client.ClientState`. Strategies need no LLaVA case.
+
+:func:`open_client_session` picks the session class from ``backbone.model``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+from typing import Any
+
+import torch
+
+from fedprompt.backbones.llava import LlavaBackbone, is_llava_source
+from fedprompt.config import RunConfig
+from fedprompt.data import FeatureBatches, load_dataset, partition
+from fedprompt.data.vqa import QASplits, as_label_splits, classification_qa, jsonl_qa
+from fedprompt.errors import ConfigError
+from fedprompt.federated.client import (
+    ClientSession,
+    ClientState,
+    TrainOutcome,
+    _dump,
+    _key,
+    cached_backbone,
+)
+from fedprompt.federated.methods import build_method_learner
+from fedprompt.privacy.accounting import Accountant
+from fedprompt.privacy.dp_sgd import PoissonBatches, poisson_plan
+from fedprompt.seeding import batch_seed
+from fedprompt.tasks.config import TaskConfig
+from fedprompt.tasks.generative import EncodedQA, GenerativePromptModel, encode_qa
+from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
+from fedprompt.training.trainer import LocalTrainer
+
+_QA: dict[str, QASplits] = {}
+_ENCODED: dict[tuple[str, str], tuple[EncodedQA, EncodedQA]] = {}
+
+
+def task_config(config: RunConfig) -> TaskConfig:
+    """The run's ``[task]`` section (defaults where the config has none)."""
+    task = getattr(config, "task", None)
+    return task if isinstance(task, TaskConfig) else TaskConfig()
+
+
+def is_generative(config: RunConfig) -> bool:
+    return is_llava_source(config.backbone.model)
+
+
+def load_qa(config: RunConfig) -> QASplits:
+    """Question-answer splits of a run: JSONL (``task.kind = "answer"``) or a labelled
+    image set asked ``task.question`` (``"classify"``)."""
+    task = task_config(config)
+    data = config.data
+    key = json.dumps([_key(data.model_copy(update={"num_clients": 1, "client": -1})),
+                      task.kind, task.question])
+    if key not in _QA:
+        if task.kind == "answer":
+            _QA[key] = jsonl_qa(data.dataset, data.seed, data.test_fraction)
+        else:
+            _QA[key] = classification_qa(load_dataset(data), task.question)
+    return _QA[key]
+
+
+def _encoded(config: RunConfig, backbone: LlavaBackbone, qa: QASplits) -> tuple[EncodedQA,
+                                                                                EncodedQA]:
+    task = task_config(config)
+    key = (_key(config.backbone), json.dumps([
+        _key(config.data.model_copy(update={"num_clients": 1, "client": -1})),
+        task.kind, task.question]))
+    if key not in _ENCODED:
+        size = config.backbone.image_batch_size
+        _ENCODED[key] = (encode_qa(backbone, qa.train, size, backbone.device),
+                         encode_qa(backbone, qa.test, size, backbone.device))
+    return _ENCODED[key]
+
+
+class GenerativeClientSession(ClientSession):
+    """One client of a run on a LLaVA backbone (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, partition_id: int, num_partitions: int,
+                 client_id: int | None = None) -> None:
+        if getattr(config.data, "domains", None):
+            raise ConfigError("data.domains is not supported with a LLaVA backbone yet: give "
+                              "one data.dataset")
+        self.config = config
+        self.partition_id = partition_id if client_id is None else client_id
+        self.domain = 0
+        self.task = task_config(config)
+        backbone = cached_backbone(config.backbone)
+        if not isinstance(backbone, LlavaBackbone):
+            raise ConfigError(f"backbone.model={config.backbone.model!r} is not a LLaVA model")
+        self.backbone = backbone  # type: ignore[assignment]
+        self.qa = load_qa(config)
+        data_config = config.data.model_copy(update={"num_clients": num_partitions})
+        self.part = partition(as_label_splits(self.qa), data_config)[partition_id]
+        train_all, test_all = _encoded(config, backbone, self.qa)
+        self.train_data = train_all.select(self.part.train)
+        self.local_data = test_all.select(self.part.local_test)
+        self.neighbor_data = test_all.select(self.part.neighbor_test)
+        # batches are index tensors into train_data (FeatureBatches / PoissonBatches)
+        self.train_features = torch.arange(len(self.part.train))
+        self.train_labels = self.train_data.labels.numpy()
+        classnames = self.qa.classnames if self.task.kind == "classify" else []
+        self.learner = build_method_learner(config, backbone,  # type: ignore[arg-type]
+                                            max(1, len(classnames)))
+        self.model = GenerativePromptModel(backbone, self.learner, self.task, classnames)
+        self.initial_personal = self.learner.personal_state()
+        rng = getattr(self.learner, "generator", None)
+        self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
+                                    else b"")
+        self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
+                                                              config.train.batch_size)
+
+    # -------------------------------------------------------------------- train
+    def train(self, shared: dict[str, torch.Tensor], state: ClientState | None,
+              server_round: int, clustering: Any = None) -> TrainOutcome:
+        if clustering is not None:
+            raise ConfigError("clustered methods (secfpp) are not supported with a LLaVA "
+                              "backbone yet")
+        config = self.config
+        state = self._load(shared, state)
+        received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
+        accountant = (Accountant.from_json(state.accountant) if state.accountant
+                      else Accountant(config.privacy.accountant))
+        metrics: dict[str, float | int] = {
+            "partition-id": self.partition_id, "num-examples": self.num_examples,
+            "server-round": server_round,
+        }
+        total_steps = self.planned_steps
+        generator = self._generator(state.generator, "noise")
+        sampling_seed = (batch_seed(config.seed, self.partition_id)
+                         if config.privacy.reproducible_noise or not self.local_dp
+                         else secrets.randbits(63))
+        chunk = config.privacy.per_sample_chunk
+        trainer: LocalTrainer
+        if self.local_dp:
+            noise = self.local_noise_multiplier()
+            budget_check = config.privacy.mode != "nominal"
+            projected = accountant.epsilon_after(noise, self.sample_rate, self.round_steps,
+                                                 config.privacy.delta)
+            metrics |= {"noise-multiplier": noise, "sample-rate": self.sample_rate}
+            if budget_check and projected > config.privacy.epsilon * (1 + 1e-6):
+                reason = (f"privacy budget spent: epsilon would reach {projected:.4f} > "
+                          f"{config.privacy.epsilon} after this round; declining to train")
+                metrics |= {"declined": 1, "epsilon": accountant.epsilon(config.privacy.delta),
+                            "steps": 0}
+                return TrainOutcome({}, metrics, state, reason)
+            trainer = DPGenerativeTrainer(
+                self.model, self.train_data, config.train, total_steps,
+                noise_multiplier=noise, clip_norm=config.privacy.clip_norm,
+                sample_rate=self.sample_rate,
+                expected_batch_size=self.sample_rate * self.num_examples,
+                accountant=accountant, generator=generator, chunk=chunk,
+            )
+            batches: Any = PoissonBatches(self.train_features, self.train_labels,
+                                          self.sample_rate, self.steps_per_epoch,
+                                          seed=sampling_seed)
+        else:
+            trainer = GenerativeTrainer(self.model, self.train_data, config.train, total_steps,
+                                        chunk=chunk)
+            batches = FeatureBatches(self.train_features, self.train_labels,
+                                     config.train.batch_size, shuffle=True, seed=sampling_seed)
+        if state.batch_rng:
+            batches.rng.bit_generator.state = json.loads(state.batch_rng)
+        if state.optimizer:
+            trainer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
+        learner_rng = getattr(self.learner, "generator", None)
+        loss_sum, correct, samples = 0.0, 0, 0
+        for _ in range(config.federation.local_epochs):
+            stats = trainer.train_epoch(batches)
+            loss_sum += stats.loss * stats.samples if stats.samples else 0.0
+            correct += round(stats.accuracy * stats.samples) if stats.samples else 0
+            samples += stats.samples
+        update = {k: (v - received[k]).detach().cpu()
+                  for k, v in self.learner.shared_state().items()}
+        new_state = ClientState(
+            personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
+            optimizer=_dump(trainer.state_dict()),
+            accountant=accountant.to_json(),
+            generator=_dump(generator.get_state()),
+            learner_rng=_dump(learner_rng.get_state())
+            if isinstance(learner_rng, torch.Generator) else b"",
+            batch_rng=json.dumps(batches.rng.bit_generator.state),
+            rounds_trained=state.rounds_trained + 1,
+        )
+        metrics |= {
+            "declined": 0, "steps": trainer.steps_taken,
+            "train-loss": loss_sum / samples if samples else float("nan"),
+            "train-accuracy": correct / samples if samples else float("nan"),
+            "epsilon": accountant.epsilon(config.privacy.delta) if self.local_dp else -1.0,
+        }
+        if self.local_dp and config.privacy.mode == "nominal":
+            metrics["nominal-epsilon"] = config.privacy.epsilon
+        return TrainOutcome(update, metrics, new_state)
+
+    # ----------------------------------------------------------------- evaluate
+    def evaluate(self, shared: dict[str, torch.Tensor], state: ClientState | None
+                 ) -> dict[str, float | int]:
+        self._load(shared, state)
+        batch = self.config.train.eval_batch_size
+        local = self.model.evaluate(self.local_data, batch)
+        metrics: dict[str, float | int] = {
+            "partition-id": self.partition_id, "num-examples": int(local["samples"]),
+            "local-accuracy": local["accuracy"], "local-loss": local["loss"],
+        }
+        for name in ("exact_match", "ranking_accuracy"):
+            if name in local:
+                metrics[f"local-{name.replace('_', '-')}"] = local[name]
+        if len(self.neighbor_data):
+            neighbor = self.model.evaluate(self.neighbor_data, batch)
+            metrics |= {"neighbor-accuracy": neighbor["accuracy"],
+                        "neighbor-loss": neighbor["loss"]}
+            for name in ("exact_match", "ranking_accuracy"):
+                if name in neighbor:
+                    metrics[f"neighbor-{name.replace('_', '-')}"] = neighbor[name]
+        return metrics
+
+
+def open_client_session(config: RunConfig, partition_id: int, num_partitions: int,
+                        client_id: int | None = None) -> ClientSession:
+    """The session for ``backbone.model``: generative (LLaVA) or dual encoder."""
+    if is_generative(config):
+        return GenerativeClientSession(config, partition_id, num_partitions, client_id)
+    if task_config(config).kind != "classify":
+        raise ConfigError(f"task.kind={task_config(config).kind!r} needs a generative backbone "
+                          f"(llava-tiny, llava-small or a LLaVA checkpoint); "
+                          f"{config.backbone.model!r} is a dual encoder")
+    return ClientSession(config, partition_id, num_partitions, client_id)
