@@ -1,0 +1,389 @@
+"""The server side of secure clustering: relays sealed shares to the compute parties and
+learns only k and the assignments (plus DP-noised centroids where configured).
+
+:class:`SecureClustering` either spawns its compute parties and the TTP as child
+processes on this machine (default; simulation and tests), or connects to parties already
+running ``python -m fedprompt.secure.party`` (``ClusteringSettings.party_addresses``).
+It never holds a private key: it learns each party's *public* key from the party itself
+over the authenticated control channel (:mod:`fedprompt.secure.control`).
+
+Faults: any party error, a closed connection or a reply missing its deadline makes
+:meth:`SecureClustering.cluster` raise :class:`ClusteringError` (after at most
+``timeout_s``); spawned processes are then killed and restarted on the next call, and
+external parties are asked to restart. A client whose submission is malformed, does not
+decrypt at some party, or is out of the fixed-point range (checked under MPC) is excluded
+and logged, and the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedprompt.secure.clustering import (
+    ClusteringError,
+    ClusteringResult,
+    ClusteringSettings,
+    ShareRejected,
+    round_seed,
+)
+from fedprompt.secure.control import (
+    ChannelError,
+    recv_message,
+    send_message,
+    server_handshake,
+)
+from fedprompt.secure.fixed_point import check_dims
+from fedprompt.secure.kmeans import relabel
+from fedprompt.secure.sealing import KEY_BYTES, seal_vector, split_sealed
+
+log = logging.getLogger(__name__)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _kill(procs: list[subprocess.Popen[bytes]], grace: float = 3.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5.0)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+class SecureClustering:
+    """Secure adaptive k-means by CrypTen compute parties; the server only relays."""
+
+    insecure = False
+
+    def __init__(self, settings: ClusteringSettings | None = None, **overrides: Any) -> None:
+        base = settings if settings is not None else ClusteringSettings()
+        self.settings = replace(base, **overrides) if overrides else base
+        check_dims(self.settings.dim)
+        self._spawn = not self.settings.party_addresses
+        if not self._spawn and len(self.settings.auth_token) < 16:
+            raise ValueError("connecting to running parties needs ClusteringSettings."
+                             "auth_token (the parties' control token, >= 16 characters)")
+        self._token = self.settings.auth_token or secrets.token_hex(32)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._conns: list[socket.socket] = []
+        self._keys: list[bytes] = []
+        self._generation = 0
+        self._closed = False
+        self._state_dir = Path(tempfile.mkdtemp(prefix="fedprompt-parties-")) if (
+            self._spawn) else None
+        self._finalizer = weakref.finalize(self, SecureClustering._cleanup, self._procs,
+                                           self._conns, self._state_dir)
+        self._start()
+
+    # -- public interface -----------------------------------------------------------------
+    def client_material(self) -> dict[str, bytes]:
+        material = {"backend": b"secure", "dim": str(self.settings.dim).encode(),
+                    "parties": str(self.settings.n_parties).encode()}
+        for rank, key in enumerate(self._keys):
+            material[f"party_key_{rank}"] = key
+        return material
+
+    @staticmethod
+    def seal(vector: np.ndarray, material: dict[str, bytes], round_id: int,
+             client_id: int) -> bytes:
+        return seal_vector(vector, material, round_id, client_id)
+
+    def party_pids(self) -> list[int]:
+        """Process ids of the spawned compute parties (rank order), then the TTP."""
+        return [p.pid for p in self._procs]
+
+    def cluster(self, round_id: int, submissions: dict[int, bytes]) -> ClusteringResult:
+        if self._closed:
+            raise ClusteringError("this SecureClustering is closed")
+        start = time.perf_counter()
+        s = self.settings
+        excluded: dict[int, str] = {}
+        parts: dict[int, list[bytes]] = {}
+        for cid in sorted(submissions):
+            try:
+                parts[cid] = split_sealed(submissions[cid], round_id, cid, s.dim, s.n_parties)
+            except ShareRejected as exc:
+                excluded[cid] = str(exc)
+                log.warning("clustering round %d: client %d excluded: %s", round_id, cid, exc)
+        if not parts:
+            return ClusteringResult(k=0, assignments={}, excluded=excluded,
+                                    stats={"seconds": time.perf_counter() - start})
+        check_dims(s.dim, len(parts))
+        if not self._conns:
+            self._start()
+        try:
+            replies = self._exchange(round_id, parts)
+        except ClusteringError as exc:
+            self._recover()
+            raise ClusteringError(f"secure clustering of round {round_id} failed: {exc}; "
+                                  "the compute parties are restarted for the next round"
+                                  ) from exc
+        result = self._combine(round_id, replies, excluded)
+        result.stats["seconds"] = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._conns:
+            with contextlib.suppress(ChannelError, OSError):
+                send_message(conn, {"type": "shutdown" if self._spawn else "bye"},
+                             timeout=5.0)
+                recv_message(conn, 10.0)
+        if self._spawn:
+            deadline = time.monotonic() + 15.0
+            for proc in self._procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+        self._finalizer()
+
+    def __enter__(self) -> SecureClustering:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- processes and connections ---------------------------------------------------------
+    @staticmethod
+    def _cleanup(procs: list[subprocess.Popen[bytes]], conns: list[socket.socket],
+                 state_dir: Path | None) -> None:
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        conns.clear()
+        _kill(procs)
+        procs.clear()
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    def _start(self) -> None:
+        s = self.settings
+        if self._spawn:
+            addresses = self._spawn_parties()
+        else:
+            addresses = [self._parse(a) for a in s.party_addresses]
+        conns: list[socket.socket] = []
+        keys: list[bytes] = []
+        deadline = time.monotonic() + s.startup_timeout_s
+        try:
+            for rank, address in enumerate(addresses):
+                conn = self._connect(rank, address, deadline)
+                conns.append(conn)
+                got_rank, key = server_handshake(conn, self._token,
+                                                 max(1.0, deadline - time.monotonic()))
+                if got_rank != rank or len(key) != KEY_BYTES:
+                    raise ClusteringError(f"the party at {address[0]}:{address[1]} says it is "
+                                          f"rank {got_rank}, expected {rank}")
+                keys.append(key)
+        except ClusteringError as exc:
+            for conn in conns:
+                conn.close()
+            self._cleanup(self._procs, [], None)
+            raise ClusteringError(f"could not start the compute parties: {exc}"
+                                  f"{self._logs_hint()}") from exc
+        if self._keys and keys != self._keys:
+            log.warning("the compute parties' public keys changed: clients must seal with "
+                        "the new client_material()")
+        self._conns[:] = conns
+        self._keys = keys
+        log.info("secure clustering: %d compute parties ready", len(conns))
+
+    @staticmethod
+    def _parse(address: str) -> tuple[str, int]:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"party address must be HOST:PORT, got {address!r}")
+        return host, int(port)
+
+    def _connect(self, rank: int, address: tuple[str, int], deadline: float) -> socket.socket:
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._spawn and self._procs[rank].poll() is not None:
+                raise ClusteringError(f"party {rank} exited with code "
+                                      f"{self._procs[rank].returncode} during startup")
+            try:
+                return socket.create_connection(address, timeout=5.0)
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+        raise ClusteringError(f"party {rank} at {address[0]}:{address[1]} did not accept a "
+                              f"connection within the startup timeout ({last})")
+
+    def _spawn_parties(self) -> list[tuple[str, int]]:
+        s = self.settings
+        assert self._state_dir is not None
+        self._generation += 1
+        host = s.host
+        if s.base_port:
+            rdv_port = s.base_port
+            ports = [s.base_port + 1 + r for r in range(s.n_parties)]
+        else:
+            rdv_port = _free_port(host)
+            ports = [_free_port(host) for _ in range(s.n_parties)]
+        env = dict(os.environ)
+        env["FEDPROMPT_PARTY_TOKEN"] = self._token
+        env.setdefault("OMP_NUM_THREADS", "1")
+        common = ["--parties", str(s.n_parties), "--rendezvous", f"tcp://{host}:{rdv_port}"]
+        commands = [[*common, "--rank", str(r), "--listen", f"{host}:{ports[r]}",
+                     "--key-file", str(self._state_dir / f"party{r}.key")]
+                    for r in range(s.n_parties)]
+        commands.append([*common, "--ttp"])
+        names = [f"party{r}" for r in range(s.n_parties)] + ["ttp"]
+        for name, args in zip(names, commands, strict=True):
+            logfile = self._state_dir / f"{name}.log"
+            with open(logfile, "ab") as out:
+                self._procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "fedprompt.secure.party", *args], env=env,
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True))
+        return [(host, p) for p in ports]
+
+    def _logs_hint(self) -> str:
+        if self._state_dir is None:
+            return ""
+        tails = []
+        for log_file in sorted(self._state_dir.glob("*.log")):
+            tail = _tail(log_file, 4)
+            if tail:
+                tails.append(f"{log_file.stem}: {tail}")
+        return ("; party logs: " + " || ".join(tails)) if tails else ""
+
+    def _recover(self) -> None:
+        """After a failed round: nothing of the broken CrypTen group may be reused."""
+        if self._spawn:
+            self._cleanup(self._procs, self._conns, None)
+            return
+        for conn in self._conns:
+            with contextlib.suppress(ChannelError, OSError):
+                send_message(conn, {"type": "restart"}, timeout=2.0)
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._conns.clear()
+
+    # -- one round --------------------------------------------------------------------------
+    def _exchange(self, round_id: int, parts: dict[int, list[bytes]]) -> list[dict[str, Any]]:
+        s = self.settings
+        clients = sorted(parts)
+        noise_share = 0.0
+        if s.centroid_noise_multiplier > 0:
+            # each party adds N(0, sigma^2 / (P - 1)): any P - 1 of them (all but the one
+            # looking) already give the full sigma = multiplier * clip
+            sigma = s.centroid_noise_multiplier * s.centroid_clip
+            noise_share = sigma / math.sqrt(s.n_parties - 1)
+        header = {"type": "cluster", "round": round_id, "dim": s.dim, "k_max": s.k_max,
+                  "iterations": s.iterations, "seed": round_seed(s.seed, round_id),
+                  "min_silhouette": s.min_silhouette, "verify_range": s.verify_range,
+                  "noise_std_share": noise_share, "clients": clients,
+                  "deadline_s": s.timeout_s}
+        deadline = time.monotonic() + s.timeout_s
+        for rank, conn in enumerate(self._conns):
+            blobs = [parts[c][rank] for c in clients]
+            try:
+                send_message(conn, {**header, "sizes": [len(b) for b in blobs]},
+                             b"".join(blobs), timeout=max(1.0, deadline - time.monotonic()))
+            except ChannelError as exc:
+                raise ClusteringError(f"party {rank}: {exc}{self._exit_note(rank)}") from exc
+        replies = []
+        for rank, conn in enumerate(self._conns):
+            try:
+                reply, _ = recv_message(conn, max(0.1, deadline - time.monotonic()))
+            except ChannelError as exc:
+                raise ClusteringError(f"party {rank}: {exc}{self._exit_note(rank)}") from exc
+            if reply.get("type") == "error":
+                raise ClusteringError(f"party {rank} reported: {reply.get('message')}")
+            if reply.get("type") != "result" or reply.get("round") != round_id:
+                raise ClusteringError(f"party {rank} sent an unexpected reply "
+                                      f"{reply.get('type')!r} for round {reply.get('round')}")
+            replies.append(reply)
+        return replies
+
+    def _exit_note(self, rank: int) -> str:
+        if not self._spawn or rank >= len(self._procs):
+            return ""
+        code = self._procs[rank].poll()
+        dead = [f"{'ttp' if i == len(self._procs) - 1 else f'party {i}'} exited ({p.poll()})"
+                for i, p in enumerate(self._procs) if p.poll() is not None]
+        note = f" (its process exited with code {code})" if code is not None else ""
+        return note + (f"; {', '.join(dead)}" if dead else "")
+
+    def _combine(self, round_id: int, replies: list[dict[str, Any]],
+                 excluded: dict[int, str]) -> ClusteringResult:
+        first = replies[0]
+        for rank, reply in enumerate(replies[1:], start=1):
+            for key in ("clients", "chosen", "dropped", "range_violations"):
+                if reply[key] != first[key]:
+                    raise ClusteringError(f"compute parties 0 and {rank} disagree on {key!r} "
+                                          f"in round {round_id}")
+        reasons: dict[int, list[str]] = {}
+        for rank, reply in enumerate(replies):
+            for cid, why in reply["rejected"].items():
+                reasons.setdefault(int(cid), []).append(f"party {rank}: {why}")
+        for cid in first["dropped"]:
+            excluded[int(cid)] = "; ".join(reasons.get(int(cid), ["rejected by a party"]))
+        for cid in first["range_violations"]:
+            excluded[int(cid)] = ("outside the fixed-point range of secure k-means (coordinate "
+                                  "or norm bound, checked under MPC)")
+        for cid in sorted(set(first["dropped"]) | set(first["range_violations"])):
+            log.warning("clustering round %d: client %d excluded: %s", round_id, cid,
+                        excluded[int(cid)])
+        clients = [int(c) for c in first["clients"]]
+        stats: dict[str, float] = {"clients": float(len(clients))}
+        for rank, reply in enumerate(replies):
+            for key, value in reply["stats"].items():
+                stats[f"party{rank}_{key}"] = float(value)
+        stats["comm_bytes"] = sum(float(r["stats"]["comm_bytes"]) for r in replies)
+        if not clients:
+            return ClusteringResult(k=0, assignments={}, excluded=excluded, stats=stats)
+        chosen = np.asarray(first["chosen"], dtype=np.int64)
+        try:
+            labels, k = relabel(chosen)
+        except ValueError as exc:
+            raise ClusteringError(f"round {round_id}: the revealed assignment is invalid: "
+                                  f"{exc}") from exc
+        stats["k_chosen"] = float(int(np.flatnonzero(chosen.any(0)).max()) + 1)
+        centroids = None
+        if first["noisy_sums"] is not None:
+            sums = np.asarray(first["noisy_sums"], dtype=np.float64)
+            slots = chosen.argmax(1)
+            order: list[int] = []
+            for slot in slots.tolist():
+                if slot not in order:
+                    order.append(slot)
+            counts = np.bincount(labels, minlength=k).astype(np.float64)
+            centroids = sums[order] / counts[:, None]
+        return ClusteringResult(
+            k=k, assignments={cid: int(lab) for cid, lab in zip(clients, labels, strict=True)},
+            excluded=excluded, centroids=centroids, stats=stats)
