@@ -323,7 +323,8 @@ class SecureClustering:
             except ChannelError as exc:
                 raise ClusteringError(f"party {rank}: {exc}{self._exit_note(rank)}") from exc
             if reply.get("type") == "error":
-                raise ClusteringError(f"party {rank} reported: {reply.get('message')}")
+                raise ClusteringError(f"party {rank} reported: {reply.get('message')}"
+                                      f"{self._dead_note()}")
             if reply.get("type") != "result" or reply.get("round") != round_id:
                 raise ClusteringError(f"party {rank} sent an unexpected reply "
                                       f"{reply.get('type')!r} for round {reply.get('round')}")
@@ -334,10 +335,19 @@ class SecureClustering:
         if not self._spawn or rank >= len(self._procs):
             return ""
         code = self._procs[rank].poll()
-        dead = [f"{'ttp' if i == len(self._procs) - 1 else f'party {i}'} exited ({p.poll()})"
-                for i, p in enumerate(self._procs) if p.poll() is not None]
         note = f" (its process exited with code {code})" if code is not None else ""
-        return note + (f"; {', '.join(dead)}" if dead else "")
+        return note + self._dead_note()
+
+    def _dead_note(self) -> str:
+        """Which spawned processes have exited (a killed party explains the others'
+        errors)."""
+        if not self._spawn:
+            return ""
+        time.sleep(0.2)  # let a dying process be reaped before we look
+        names = [f"party {i}" for i in range(len(self._procs) - 1)] + ["the TTP"]
+        dead = [f"{name} exited with code {p.poll()}"
+                for name, p in zip(names, self._procs, strict=True) if p.poll() is not None]
+        return f" [{'; '.join(dead)}]" if dead else ""
 
     def _combine(self, round_id: int, replies: list[dict[str, Any]],
                  excluded: dict[int, str]) -> ClusteringResult:
