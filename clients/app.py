@@ -5,7 +5,10 @@
   accountant, generator states), train locally (DP-SGD where configured), save the state
   back, and reply with the update of the shared tensors plus metrics. A client whose
   privacy budget is spent replies without an update, with ``declined = 1`` and the reason
-  in its ``ConfigRecord``.
+  in its ``ConfigRecord``. In a clustering round of a clustered method (secfpp) the train
+  config carries the clustering backend's public material; the client then also replies
+  with its sealed, reduced domain prompt (``cluster-share``, bytes the server relays but
+  cannot read).
 * ``evaluate``: local and neighbor accuracy of the personalized prompt (received shared
   tensors + personal parts).
 
@@ -26,6 +29,13 @@ from flwr.clientapp import ClientApp
 
 from fedprompt.config import from_run_config
 from fedprompt.federated import ClientSession, ClientState
+from fedprompt.federated.cluster_backends import ClusteringRequest
+from fedprompt.federated.clustered import (
+    CLIENT_ID_KEY,
+    ROUND_KEY,
+    SHARE_KEY,
+    material_from_config,
+)
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
 logging.getLogger("flwr").propagate = False
@@ -51,7 +61,8 @@ def _session(context: Context) -> ClientSession:
     client_id = partition_id
     if node.get("dataset"):  # a site with its own data folder trains on all of it
         config = config.model_copy(update={
-            "data": config.data.model_copy(update={"dataset": str(node["dataset"])})})
+            "data": config.data.model_copy(update={"dataset": str(node["dataset"]),
+                                                   "domains": []})})
         partition_id, num_partitions = 0, 1
     key = (config.model_dump_json(), partition_id, num_partitions, client_id)
     if key not in _SESSIONS:
@@ -69,6 +80,7 @@ def _load_state(context: Context) -> ClientState | None:
         generator=blobs["generator"], learner_rng=blobs["learner_rng"],
         batch_rng=blobs["batch_rng"],
         rounds_trained=int(blobs["rounds_trained"]),
+        first_update=blobs.get("first_update", b""),
     )
 
 
@@ -79,6 +91,7 @@ def _save_state(context: Context, state: ClientState) -> None:
         "generator": state.generator, "learner_rng": state.learner_rng,
         "batch_rng": state.batch_rng,
         "rounds_trained": state.rounds_trained,
+        "first_update": state.first_update,
     })
 
 
@@ -86,17 +99,31 @@ def _shared(msg: Message) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
 
 
+def _clustering_request(config: ConfigRecord) -> ClusteringRequest | None:
+    """The server's clustering request in a train config (clustered methods), if any."""
+    if ROUND_KEY not in config:
+        return None
+    return ClusteringRequest(round_id=int(config[ROUND_KEY]),
+                             client_id=int(config[CLIENT_ID_KEY]),
+                             material=material_from_config(config))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     session = _session(context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    outcome = session.train(_shared(msg), _load_state(context), server_round)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    outcome = session.train(_shared(msg), _load_state(context), server_round,
+                            clustering=_clustering_request(config))
     if not outcome.declined_reason:
         _save_state(context, outcome.state)
+    reply_config = ConfigRecord({"declined-reason": outcome.declined_reason})
+    if outcome.submission:
+        reply_config[SHARE_KEY] = outcome.submission
     content = RecordDict({
         "arrays": ArrayRecord(outcome.update),
         "metrics": MetricRecord(outcome.metrics),
-        "config": ConfigRecord({"declined-reason": outcome.declined_reason}),
+        "config": reply_config,
     })
     return Message(content, reply_to=msg)
 

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedprompt.errors import ConfigError
 
@@ -93,8 +100,9 @@ class DataConfig(_Section):
 
     dataset: str = Field(
         "digits",
-        description="'digits' (bundled with scikit-learn, no download) or the root of an "
-        "ImageFolder tree (<root>/<class>/<image> or <root>/{train,test}/<class>/<image>)",
+        description="'digits' (bundled with scikit-learn, no download), 'digits-inverted' "
+        "(the same, colour-inverted) or the root of an ImageFolder tree "
+        "(<root>/<class>/<image> or <root>/{train,test}/<class>/<image>)",
     )
     seed: int = Field(
         0, description="seed of the test hold-out, few-shot choice and client partition; kept "
@@ -126,6 +134,20 @@ class DataConfig(_Section):
     cache_dir: str = Field(
         "", description="where cached image features are kept ('' = ~/.cache/fedprompt)"
     )
+    domains: list[str] = Field(
+        default_factory=list,
+        description="federated multi-domain data: data sets (each like data.dataset) the "
+        "clients are dealt among in contiguous blocks, each block split by data.partition "
+        "within its domain; a comma-separated string is accepted (Flower run_config). Empty: "
+        "one domain, data.dataset",
+    )
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _client_in_range(self) -> DataConfig:
@@ -133,6 +155,11 @@ class DataConfig(_Section):
             raise ValueError(
                 f"client={self.client} but num_clients={self.num_clients}: clients are "
                 f"numbered 0..{self.num_clients - 1}"
+            )
+        if self.domains and len(self.domains) > self.num_clients:
+            raise ValueError(
+                f"{len(self.domains)} data.domains but num_clients={self.num_clients}: every "
+                "domain needs at least one client"
             )
         return self
 
@@ -159,12 +186,15 @@ class FederationConfig(_Section):
     """Federated training (the Flower app and the in-process runner)."""
 
     method: Literal[
-        "local-only", "promptfl", "fedpgp", "dpfpl", "dpfpl-no-residual", "dpfpl-full-rank"
+        "local-only", "promptfl", "fedpgp", "dpfpl", "dpfpl-no-residual", "dpfpl-full-rank",
+        "secfpp",
     ] = Field(
         "dpfpl",
         description="local-only: CoOp per client, nothing shared; promptfl: FedAvg of one CoOp "
         "prompt; fedpgp: global + fixed-basis u v; dpfpl: global + u v + residual "
-        "re-factorized every step; dpfpl-no-residual and dpfpl-full-rank: DP-FPL's ablations",
+        "re-factorized every step; dpfpl-no-residual and dpfpl-full-rank: DP-FPL's ablations; "
+        "secfpp: domain-level prompt shared within clusters found by secure clustering "
+        "([clustering]), class-level prompt personal",
     )
     rounds: int = Field(10, ge=1, description="communication rounds")
     local_epochs: int = Field(1, ge=1, description="passes over the client's data per round")
@@ -213,6 +243,55 @@ class PrivacyConfig(_Section):
     )
 
 
+class ClusteringConfig(_Section):
+    """Clustering of clients for ``federation.method = "secfpp"`` (see docs/secfpp.md)."""
+
+    backend: Literal["secure", "plaintext"] = Field(
+        "secure",
+        description="secure: adaptive k-means over secret shares by CrypTen compute parties "
+        "(the server relays bytes it cannot read); plaintext: the same algorithm in the clear "
+        "at the server, INSECURE (debugging, tests)",
+    )
+    reduce: Literal["first-update", "update", "drift", "prompt"] = Field(
+        "first-update",
+        description="what a client reduces and submits: first-update = the change of the "
+        "domain-level prompt in the client's first round (from the common initial prompt: "
+        "its data's own pull, kept in its state); update = this round's change; drift = "
+        "trained prompt minus the initial one; prompt = the trained prompt itself "
+        "(docs/secfpp.md compares them)",
+    )
+    reduce_dim: int = Field(64, ge=1, le=4096,
+                            description="length of the reduced (projected, unit) vector")
+    k_max: int = Field(4, ge=1, description="adaptive k is chosen in [1, k_max]")
+    iterations: int = Field(10, ge=1, description="k-means iterations per candidate k")
+    min_silhouette: float = Field(
+        0.3, ge=-1, le=1, description="adaptive k: k = 1 unless some k >= 2 reaches a mean "
+        "silhouette above this (the best such k is chosen)"
+    )
+    cluster_every: int = Field(
+        1, ge=1, description="cluster after every this many rounds (until the first "
+        "clustering all clients share one cluster)"
+    )
+    timeout: float = Field(120.0, gt=0, description="seconds any wait of a clustering round "
+                           "may take (secure backend)")
+    startup_timeout: float = Field(180.0, gt=0, description="seconds to start the compute "
+                                   "parties (secure backend)")
+    parties: int = Field(2, ge=2, description="compute parties (secure backend; CrypTen's "
+                         "Beaver-triple provider runs beside them)")
+    host: str = Field("127.0.0.1", description="address the spawned compute parties bind")
+    base_port: int = Field(0, ge=0, le=65535, description="first port of the spawned parties "
+                           "(0: free ports)")
+    party_addresses: str = Field(
+        "", description="comma-separated host:port of already running compute parties "
+        "(python -m fedprompt.secure.party), in rank order; empty: the server spawns them. "
+        "Their control secret comes from the FEDPROMPT_CLUSTER_TOKEN environment variable"
+    )
+    centroid_noise: float = Field(
+        0.0, ge=0, description="noise multiplier of the revealed centroids (Gaussian, std "
+        "multiplier x 1 on each cluster sum of unit vectors); 0: centroids stay secret"
+    )
+
+
 class RunConfig(_Section):
     """Everything one run needs. Written, resolved, next to the run's results."""
 
@@ -225,6 +304,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -272,7 +352,7 @@ def _unknown_key_message(key: str, source: str) -> str:
         f" Keys of [{section}]: {', '.join(s.split('.')[-1] for s in siblings)}."
         if siblings
         else " Top-level keys: name, seed, output_dir and the sections "
-        "[backbone], [prompt], [data], [train], [federation], [privacy]."
+        "[backbone], [prompt], [data], [train], [federation], [privacy], [clustering]."
     )
     return f"unknown config key '{key}' (from {source}).{hint}{listing}"
 

@@ -34,6 +34,7 @@ from rich.progress import Progress
 from fedprompt.config import RunConfig, flatten, load_config
 from fedprompt.console import make_progress, show_fedprompt_logs
 from fedprompt.errors import FedPromptError
+from fedprompt.secure.clustering import ClusteringBackend
 from strategies.server_app import run_server
 
 SERVER_NODE_ID = 0
@@ -146,10 +147,13 @@ def run_inprocess(config: RunConfig, num_clients: int | None = None,
         return run_on_grid(grid, config, output_dir)
 
 
-def run_on_grid(grid: InProcessGrid, config: RunConfig, output_dir: Path | None = None) -> Path:
+def run_on_grid(grid: InProcessGrid, config: RunConfig, output_dir: Path | None = None,
+                backend: ClusteringBackend | None = None) -> Path:
+    """Run the ServerApp's rounds on ``grid``; ``backend``: a clustering backend for a
+    clustered method (default: the one ``[clustering]`` names)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
         _RUN_ID, SERVER_NODE_ID, SERVER_NODE_ID)
-    return run_server(grid, config, output_dir)
+    return run_server(grid, config, output_dir, backend)
 
 
 def main(argv: list[str] | None = None) -> int:

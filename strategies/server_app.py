@@ -17,9 +17,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.config import RunConfig, from_run_config
 from fedprompt.console import show_fedprompt_logs
-from fedprompt.federated import FederatedServer, build_method_learner
+from fedprompt.federated import METHODS, FederatedServer, build_method_learner
 from fedprompt.federated.client import cached_backbone
+from fedprompt.federated.cluster_backends import build_backend
+from fedprompt.federated.clustered import ClusteredServer
 from fedprompt.results import create_run_dir
+from fedprompt.secure.clustering import ClusteringBackend
 from fedprompt.seeding import seed_everything
 from strategies.strategy import FedPromptStrategy
 
@@ -28,19 +31,32 @@ log = logging.getLogger("fedprompt.server_app")
 app = ServerApp()
 
 
-def build_server(config: RunConfig, num_clients: int) -> FederatedServer:
+def build_server(config: RunConfig, num_clients: int,
+                 backend: ClusteringBackend | None = None) -> FederatedServer:
     """The server with the initial shared tensors of ``federation.method``.
 
     Shared tensors do not depend on the number of classes, so the server needs the
-    backbone (context width, text init) but no data.
+    backbone (context width, text init) but no data. A clustered method (secfpp) gets a
+    :class:`ClusteredServer` with ``backend``, or the backend ``[clustering]`` names
+    (started here; the server closes it).
     """
     learner = build_method_learner(config, cached_backbone(config.backbone), num_classes=1)
+    if METHODS[config.federation.method].clustered:
+        if backend is None:
+            backend = build_backend(config)
+        if getattr(backend, "insecure", False):
+            log.warning("clustering backend %s is INSECURE: the server reads every client's "
+                        "reduced prompt (debugging and tests only)", type(backend).__name__)
+        return ClusteredServer(config, learner.shared_state(), num_clients,
+                               learner.local_dp_names(), backend=backend)
     return FederatedServer(config, learner.shared_state(), num_clients,
                            learner.local_dp_names())
 
 
-def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None) -> Path:
-    """Run all rounds on ``grid``; returns the results folder."""
+def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None,
+               backend: ClusteringBackend | None = None) -> Path:
+    """Run all rounds on ``grid``; returns the results folder. ``backend``: the clustering
+    backend of a clustered method (default: the one ``[clustering]`` names)."""
     seed_everything(config.seed)
     num_clients = len(list(grid.get_node_ids()))
     if num_clients == 0:
@@ -49,9 +65,9 @@ def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None) ->
     out = out.resolve()
     log.info("fedprompt: %s with %d clients; results in %s", config.federation.method,
              num_clients, out)
-    server = build_server(config, num_clients)
+    server = build_server(config, num_clients, backend)
     strategy = FedPromptStrategy(server, out)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(server.shared),
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(server.result_arrays()),
                    num_rounds=config.federation.rounds, timeout=config.federation.timeout,
                    train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     server.history.write(out)

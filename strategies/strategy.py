@@ -5,6 +5,12 @@ It follows Flower's Strategy steps (``configure_train``, ``aggregate_train``,
 while sampling, validation, clipping, equal-weight averaging, global DP noise and the
 server accountant live in :mod:`fedprompt.federated`. After every round it writes the
 results folder, so a run that stops keeps what it did.
+
+Every node gets its own message: the shared tensors the server has for it (for secfpp,
+its cluster's domain prompt) and, in a clustering round, the clustering backend's public
+material; a train reply's sealed clustering submission is relayed to the server as bytes.
+The strategy owns the server's lifetime: :meth:`FedPromptStrategy.start` closes it (and
+with it the clustering backend and its compute parties) when the rounds end or fail.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedprompt.federated import ClientReply, FederatedServer
+from fedprompt.federated.clustered import SHARE_KEY
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
 logging.getLogger("flwr").propagate = False
@@ -34,10 +42,13 @@ def _reply(msg: Message) -> ClientReply:
     update = None
     if "arrays" in content:
         update = {k: v.numpy() for k, v in content["arrays"].items()}
-    declined = ""
+    declined, submission = "", b""
     if "config" in content:
         declined = str(content["config"].get("declined-reason", ""))
-    return ClientReply(node_id=node, metrics=metrics, update=update, declined_reason=declined)
+        share = content["config"].get(SHARE_KEY, b"")
+        submission = share if isinstance(share, bytes) else b""
+    return ClientReply(node_id=node, metrics=metrics, update=update, declined_reason=declined,
+                       submission=submission)
 
 
 def _summary_metrics(summary: dict) -> MetricRecord:
@@ -60,18 +71,36 @@ class FedPromptStrategy(Strategy):
                  s.noise_multiplier, s.config.privacy.local and s.config.privacy.mode != "off",
                  s.config.privacy.mode)
 
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """Flower's round loop; the server (and its clustering backend, whose compute
+        parties it may have started) is closed when it ends, however it ends."""
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            self.server.close()
+
     def _messages(self, nodes: list[int], message_type: str, server_round: int,
                   config: ConfigRecord) -> list[Message]:
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        content = RecordDict({"arrays": ArrayRecord(self.server.shared),
-                              "config": config})
-        return [Message(content=content, message_type=message_type, dst_node_id=node)
-                for node in nodes]
+        """One message per node: the shared tensors of that node (its cluster's, for a
+        clustered method) and the round config (plus per-node clustering fields)."""
+        messages = []
+        for node in nodes:
+            node_config = ConfigRecord(dict(config))
+            node_config["server-round"] = server_round
+            if message_type == MessageType.TRAIN:
+                for key, value in self.server.train_config(node, server_round).items():
+                    node_config[key] = value
+            content = RecordDict({"arrays": ArrayRecord(self.server.shared_for(node)),
+                                  "config": node_config})
+            messages.append(Message(content=content, message_type=message_type,
+                                    dst_node_id=node))
+        return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        nodes = self.server.sample(list(grid.get_node_ids()))
+        node_ids = list(grid.get_node_ids())
+        self.server.begin_round(server_round, node_ids)
+        nodes = self.server.sample(node_ids)
         log.info("round %d: %d of %d clients sampled for training", server_round, len(nodes),
                  self.server.num_clients)
         return self._messages(nodes, MessageType.TRAIN, server_round, config)
@@ -81,7 +110,7 @@ class FedPromptStrategy(Strategy):
     ]:
         self.server.aggregate(server_round, [_reply(m) for m in replies])
         self.server.history.write(self.output_dir)
-        return ArrayRecord(self.server.shared), None
+        return ArrayRecord(self.server.result_arrays()), None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -6,7 +6,8 @@ labels and the class names used in prompts. :func:`load_dataset` turns a run's
 
 * ``dataset = "digits"``: scikit-learn's bundled handwritten digits (1,797 images,
   8x8, 10 classes), rendered as 32x32 RGB images named "zero" ... "nine". Nothing to
-  download, so a fresh machine can run the default experiment.
+  download, so a fresh machine can run the default experiment. ``"digits-inverted"``:
+  the same images colour-inverted (a second rendering, for multi-domain runs).
 * ``dataset = "<path>"``: an ImageFolder tree, either ``<root>/train/<class>/*`` and
   ``<root>/test/<class>/*`` or ``<root>/<class>/*`` (then a seeded, per-class
   ``test_fraction`` is held out, as Caltech101-style data sets need). Class names come
@@ -29,6 +30,9 @@ from fedprompt.config import DataConfig
 from fedprompt.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+#: data sets bundled with a PyPI package (not paths): ``data.dataset`` values
+BUNDLED = frozenset({"digits", "digits-inverted"})
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -154,8 +158,10 @@ class DataSplits:
 
 
 # --------------------------------------------------------------------------- digits
-def digits(seed: int = 0, test_fraction: float = 0.25, size: int = 32) -> DataSplits:
-    """scikit-learn's bundled digits as ``size`` x ``size`` RGB images, stratified split."""
+def digits(seed: int = 0, test_fraction: float = 0.25, size: int = 32,
+           inverted: bool = False) -> DataSplits:
+    """scikit-learn's bundled digits as ``size`` x ``size`` RGB images, stratified split;
+    ``inverted``: colour-inverted (dark digits on white), the same split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -166,13 +172,16 @@ def digits(seed: int = 0, test_fraction: float = 0.25, size: int = 32) -> DataSp
         for im in gray
     ])
     rgb = np.repeat(pixels[..., None], 3, axis=-1)
+    if inverted:
+        rgb = 255 - rgb
     labels = bunch.target.astype(np.int64)
     idx_train, idx_test = train_test_split(
         np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
     )
-    full = ImageSet("digits", ArrayImages(rgb), labels, list(DIGIT_NAMES))
-    return DataSplits(full.subset(np.sort(idx_train), "digits/train"),
-                      full.subset(np.sort(idx_test), "digits/test"))
+    name = "digits-inverted" if inverted else "digits"
+    full = ImageSet(name, ArrayImages(rgb), labels, list(DIGIT_NAMES))
+    return DataSplits(full.subset(np.sort(idx_train), f"{name}/train"),
+                      full.subset(np.sort(idx_test), f"{name}/test"))
 
 
 # ---------------------------------------------------------------------- ImageFolder
@@ -293,8 +302,15 @@ def few_shot(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 def load_dataset(config: DataConfig) -> DataSplits:
     """The train/test pair a run's ``[data]`` section names (split by ``config.seed``)."""
     seed = config.seed
-    if config.dataset == "digits":
-        splits = digits(seed=seed, test_fraction=config.test_fraction)
+    if config.domains:
+        raise DataError(
+            f"data.domains={config.domains} names several data sets: a multi-domain run is "
+            "federated (fedprompt-sim, flwr run), where every client loads its own domain; "
+            "for one-site training set data.dataset to one of them and data.domains=[]"
+        )
+    if config.dataset in BUNDLED:
+        splits = digits(seed=seed, test_fraction=config.test_fraction,
+                        inverted=config.dataset == "digits-inverted")
     else:
         splits = image_folder(config.dataset, seed=seed, test_fraction=config.test_fraction)
     if config.max_train_per_class:

@@ -115,3 +115,28 @@ def dp_average(updates: Sequence[Mapping[str, Tensor]], template: Mapping[str, T
     noisy = {k: v / denominator + torch.normal(0.0, std, size=v.shape, generator=generator)
              if std > 0 else v / denominator for k, v in total.items()}
     return Aggregate(noisy, clipped, norms, std)
+
+
+@dataclass(frozen=True)
+class GlobalDP:
+    """Server-side DP settings of one aggregate: clip ``C_G`` and noise multiplier ``z``."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+
+def combine_updates(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
+                    template: Mapping[str, Tensor], *, dp: GlobalDP | None,
+                    denominator: float, equal_weights: bool,
+                    generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """The mean update of one group of clients (all of them, or one cluster) and what to
+    record about it: with ``dp``, :func:`dp_average` over the fixed ``denominator`` (the
+    expected number of participants of the group); without, the plain or example-weighted
+    mean of the accepted updates."""
+    if dp is not None:
+        result = dp_average(updates, template, dp.clip_norm, dp.noise_multiplier,
+                            denominator=denominator, generator=generator)
+        return result.update, {"clipped": result.clipped, "noise_std": result.noise_std,
+                               "update_norms": result.norms}
+    mean = average_updates(updates, template, None if equal_weights else weights)
+    return mean, {}

@@ -27,8 +27,14 @@ from fedprompt.backbones import VisionLanguageBackbone, build_backbone
 from fedprompt.config import BackboneConfig, DataConfig, RunConfig
 from fedprompt.data import FeatureBatches, FeatureCache, load_dataset, partition
 from fedprompt.data.datasets import DataSplits
+from fedprompt.data.domains import domain_slot
 from fedprompt.data.features import default_cache_dir
 from fedprompt.data.partition import ClientPartition
+from fedprompt.federated.cluster_backends import (
+    ClusteringRequest,
+    PromptTrace,
+    seal_submission,
+)
 from fedprompt.federated.methods import build_method_learner
 from fedprompt.privacy.accounting import (
     Accountant,
@@ -87,6 +93,7 @@ class ClientState:
     learner_rng: bytes = b""  # the learner's own generator (DP-FPL's power method)
     batch_rng: str = ""  # the batch-order / Poisson-sampling generator (JSON)
     rounds_trained: int = 0
+    first_update: bytes = b""  # shared-tensor change of the first round (clustering input)
 
 
 @dataclass
@@ -95,18 +102,27 @@ class TrainOutcome:
     metrics: dict[str, float | int]
     state: ClientState
     declined_reason: str = ""
+    submission: bytes = b""  # sealed clustering submission, when the server asked for one
 
 
 class ClientSession:
     """One client's data, features and learner: partition ``partition_id`` of
     ``num_partitions`` of ``data.dataset``. ``client_id`` (default: the partition id)
     names the client in metrics and seeds its random streams; a site with its own data
-    folder uses partition 0 of 1 under its own client id."""
+    folder uses partition 0 of 1 under its own client id. With ``data.domains`` the client
+    first picks its domain (:mod:`fedprompt.data.domains`) and is then partitioned within
+    it; ``self.config`` is then the domain's configuration."""
 
     def __init__(self, config: RunConfig, partition_id: int, num_partitions: int,
                  client_id: int | None = None) -> None:
-        self.config = config
         self.partition_id = partition_id if client_id is None else client_id
+        self.domain = 0
+        if config.data.domains:  # multi-domain: this client's domain and partition in it
+            slot = domain_slot(config.data, partition_id, num_partitions)
+            config = config.model_copy(update={"data": slot.data})
+            partition_id, num_partitions, self.domain = (slot.partition_id,
+                                                         slot.num_partitions, slot.domain)
+        self.config = config
         self.backbone = cached_backbone(config.backbone)
         self.splits = cached_splits(config.data)
         data_config = config.data.model_copy(update={"num_clients": num_partitions})
@@ -123,6 +139,7 @@ class ClientSession:
         self.classifier = PromptedClassifier(self.backbone, self.learner,
                                              self.splits.classnames)
         self.initial_personal = self.learner.personal_state()
+        self.initial_shared = {k: v.cpu() for k, v in self.learner.shared_state().items()}
         rng = getattr(self.learner, "generator", None)
         # the learner's own stream (DP-FPL's power method) starts where initialisation left
         # it, exactly as in a one-site run
@@ -185,7 +202,9 @@ class ClientSession:
 
     # -------------------------------------------------------------------- train
     def train(self, shared: dict[str, Tensor], state: ClientState | None,
-              server_round: int) -> TrainOutcome:
+              server_round: int, clustering: ClusteringRequest | None = None) -> TrainOutcome:
+        """One round of local training. With ``clustering`` (a clustering round of a
+        clustered method) the outcome also carries the client's sealed submission."""
         config = self.config
         state = self._load(shared, state)
         received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
@@ -239,8 +258,15 @@ class ClientSession:
             loss_sum += stats.loss * stats.samples if stats.samples else 0.0
             correct += round(stats.accuracy * stats.samples) if stats.samples else 0
             samples += stats.samples
-        update = {k: (v - received[k]).detach().cpu()
-                  for k, v in self.learner.shared_state().items()}
+        trained = {k: v.detach().cpu() for k, v in self.learner.shared_state().items()}
+        start = {k: v.cpu() for k, v in received.items()}
+        update = {k: v - start[k] for k, v in trained.items()}
+        first_update = (_load_tensor(state.first_update) if state.first_update
+                        else update)
+        submission = b""
+        if clustering is not None:
+            trace = PromptTrace(self.initial_shared, start, trained, first_update)
+            submission = seal_submission(config, clustering, trace)
         new_state = ClientState(
             personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
             optimizer=_dump(trainer.state_dict()),
@@ -250,6 +276,7 @@ class ClientSession:
             if isinstance(learner_rng, torch.Generator) else b"",
             batch_rng=json.dumps(batches.rng.bit_generator.state),
             rounds_trained=state.rounds_trained + 1,
+            first_update=state.first_update or (_dump(update) if update else b""),
         )
         metrics |= {
             "declined": 0, "steps": trainer.steps_taken,
@@ -259,7 +286,7 @@ class ClientSession:
         }
         if self.local_dp and config.privacy.mode == "nominal":
             metrics["nominal-epsilon"] = config.privacy.epsilon
-        return TrainOutcome(update, metrics, new_state)
+        return TrainOutcome(update, metrics, new_state, submission=submission)
 
     # ----------------------------------------------------------------- evaluate
     def evaluate(self, shared: dict[str, Tensor], state: ClientState | None) -> dict[

@@ -9,7 +9,15 @@ Files written (all updated after every round, so an interrupted run keeps what i
   standard deviation across clients);
 * ``rounds.csv`` (one row per round) and ``clients.csv`` (one row per round and client);
 * ``privacy_ledger.json``: each client's and the server's accountant epsilon per round,
-  with the nominal epsilon beside it when the nominal recipe is used;
+  with the nominal epsilon beside it when the nominal recipe is used (clustered methods:
+  one more ledger per cluster, ``cluster-<id>``);
+* clustered methods (secfpp) add, per round, ``server.clusters`` (members, accepted,
+  clipping, noise std and epsilon of every cluster), ``server.cluster_of`` (the cluster
+  each client trained in), ``server.clustering`` (k, assignments, excluded clients,
+  seconds, backend stats, ``fallback`` with the error), ``server.assignments_next`` and
+  ``server.cluster_ari`` (adjusted Rand index against the known domains of
+  ``data.domains``); the same figures go to extra columns of ``rounds.csv`` and
+  ``clients.csv`` (``cluster``, ``cluster_next``);
 * ``accuracy.png``: local and neighbor accuracy per round (mean and spread).
 """
 
@@ -26,6 +34,7 @@ import numpy as np
 
 import fedprompt
 from fedprompt.config import RunConfig
+from fedprompt.data.domains import client_domains
 from fedprompt.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedprompt.results import write_json
 
@@ -37,6 +46,9 @@ ROUND_COLUMNS = [
     "local_accuracy_mean", "local_accuracy_std", "neighbor_accuracy_mean",
     "neighbor_accuracy_std", "local_epsilon_max", "global_epsilon",
 ]
+#: extra rounds.csv columns of clustered methods (secfpp)
+CLUSTER_COLUMNS = ["clusters", "clustering_k", "clustering_seconds", "clustering_fallback",
+                   "cluster_ari", "cluster_epsilon_max"]
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:
@@ -58,6 +70,9 @@ class FederatedHistory:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_ledgers: dict[int, PrivacyLedger] = {}
         self.server_ledger = PrivacyLedger("server", config.privacy.delta)
+        self.cluster_ledgers: dict[int, PrivacyLedger] = {}
+        #: known domain of every client (multi-domain data), for the adjusted Rand index
+        self.domains = client_domains(config.data, num_clients) if config.data.domains else None
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round, "train": {},
@@ -104,6 +119,38 @@ class FederatedHistory:
                 delta=privacy.delta, round=server_round,
                 nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
             ))
+        for cluster, cinfo in sorted(info.get("clusters", {}).items()):
+            if cinfo.get("epsilon") is None:
+                continue
+            ledger = self.cluster_ledgers.setdefault(
+                cluster, PrivacyLedger(f"cluster-{cluster}", privacy.delta))
+            ledger.record(LedgerEntry(
+                party=f"cluster-{cluster}",
+                mechanism=f"Gaussian noise on the clipped mean of cluster {cluster}'s "
+                f"updates ({cinfo['members']} members, noise std {cinfo['noise_std']:.4g})",
+                tensors=self.shared_names, noise_multiplier=self.server_noise,
+                clipping_norm=privacy.server_clip_norm,
+                sample_rate=self.config.federation.fraction_train, steps=server_round,
+                accountant=privacy.accountant, epsilon=float(cinfo["epsilon"]),
+                delta=privacy.delta, round=server_round,
+                nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
+            ))
+        if "assignments_next" in info:
+            info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
+
+    def adjusted_rand_index(self, assignment: dict[Any, int]) -> float | None:
+        """ARI of a client -> cluster assignment against the clients' known domains (None
+        without data.domains)."""
+        if self.domains is None:
+            return None
+        clients = sorted(c for c in assignment if isinstance(c, int)
+                         and 0 <= c < len(self.domains))
+        if len(clients) < 2:
+            return None
+        from sklearn.metrics import adjusted_rand_score
+
+        return float(adjusted_rand_score([self.domains[c] for c in clients],
+                                         [assignment[c] for c in clients]))
 
     def record_evaluate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
         record = self._round(server_round)
@@ -122,6 +169,20 @@ class FederatedHistory:
         neighbor_mean, neighbor_std = _stats([m.get("neighbor-accuracy") for m in evaluate])
         loss_mean, _ = _stats([m.get("train-loss") for m in train if not m.get("declined")])
         eps = [m.get("epsilon", -1.0) for m in train if m.get("epsilon", -1.0) >= 0]
+        server = record["server"]
+        clustered = {}
+        if "clusters" in server:
+            clustering = server.get("clustering") or {}
+            cluster_eps = [c["epsilon"] for c in server["clusters"].values()
+                           if c.get("epsilon") is not None]
+            clustered = {
+                "clusters": len(set(server["assignments_next"].values())),
+                "clustering_k": clustering.get("k"),
+                "clustering_seconds": clustering.get("seconds"),
+                "clustering_fallback": clustering.get("fallback") if clustering else None,
+                "cluster_ari": server.get("cluster_ari"),
+                "cluster_epsilon_max": max(cluster_eps) if cluster_eps else None,
+            }
         return {
             "round": server_round,
             "clients_trained": sum(1 for m in train if not m.get("declined")
@@ -133,6 +194,7 @@ class FederatedHistory:
             "neighbor_accuracy_mean": neighbor_mean, "neighbor_accuracy_std": neighbor_std,
             "local_epsilon_max": max(eps) if eps else None,
             "global_epsilon": record["server"].get("global_epsilon"),
+            **clustered,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,8 +228,10 @@ class FederatedHistory:
         out.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         write_json(out / "metrics.json", data)
+        clustered = any("clusters" in r["server"] for r in data["rounds"])
         with (out / "rounds.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS + (CLUSTER_COLUMNS if
+                                                                    clustered else []))
             writer.writeheader()
             for record in data["rounds"]:
                 writer.writerow(record["summary"])
@@ -176,6 +240,10 @@ class FederatedHistory:
             clients = set(record["train"]) | set(record["evaluate"])
             for cid in sorted(clients):
                 row = {"round": record["round"], "client": cid}
+                server = record["server"]
+                if "cluster_of" in server:  # the cluster it trained in, the one it goes to
+                    row["cluster"] = server["cluster_of"].get(cid)
+                    row["cluster_next"] = server["assignments_next"].get(cid)
                 row |= {f"train_{k}": v for k, v in record["train"].get(cid, {}).items()}
                 row |= {f"eval_{k}": v for k, v in record["evaluate"].get(cid, {}).items()}
                 rows.append(row)
@@ -184,8 +252,9 @@ class FederatedHistory:
             writer = csv.DictWriter(fh, fieldnames=["round", "client", *columns])
             writer.writeheader()
             writer.writerows(rows)
-        ledgers = [self.server_ledger] + [self.client_ledgers[c]
-                                          for c in sorted(self.client_ledgers)]
+        ledgers = ([self.server_ledger]
+                   + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
+                   + [self.client_ledgers[c] for c in sorted(self.client_ledgers)])
         PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")
         plot_rounds(data, out / "accuracy.png")
 

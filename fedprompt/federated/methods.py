@@ -12,6 +12,12 @@ code never look inside a method.
 | dpfpl | global + u v + r, re-factorized every step | global | u, v |
 | dpfpl-no-residual | global + u v | global | u, v |
 | dpfpl-full-rank | global + full-rank local | global | the local prompt |
+| secfpp | domain + class level (SecFPP) | domain prompt, in its cluster | class prompts |
+
+``secfpp`` is *clustered*: the server keeps one domain-level prompt per cluster of
+clients (:mod:`fedprompt.federated.clustered`) and clusters the clients with the
+``[clustering]`` backend; the class-level prompts (one per class of the client's domain)
+are personal and never sent.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class MethodSpec:
     learner: str
     residual: bool = True
     shares: bool = True
+    clustered: bool = False  # shared tensors are averaged within clusters of clients
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -38,6 +45,7 @@ METHODS: dict[str, MethodSpec] = {
     "dpfpl": MethodSpec("dpfpl", "dpfpl"),
     "dpfpl-no-residual": MethodSpec("dpfpl-no-residual", "dpfpl", residual=False),
     "dpfpl-full-rank": MethodSpec("dpfpl-full-rank", "global-local"),
+    "secfpp": MethodSpec("secfpp", "hierarchical", clustered=True),
 }
 
 

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from fedprompt.config import RunConfig
 from fedprompt.federated.aggregation import (
+    GlobalDP,
     UpdateRejected,
-    average_updates,
-    dp_average,
+    combine_updates,
     noise_generator,
     validate_update,
 )
@@ -41,6 +41,16 @@ class ClientReply:
     update: dict[str, np.ndarray | Tensor] | None = None
     error: str = ""
     declined_reason: str = ""
+    submission: bytes = b""  # sealed clustering submission (clustered methods)
+
+
+@dataclass
+class Accepted:
+    """A reply whose update passed validation."""
+
+    reply: ClientReply
+    update: dict[str, Tensor]
+    weight: float  # the client's number of examples (used only without global DP)
 
 
 class FederatedServer:
@@ -83,11 +93,38 @@ class FederatedServer:
         keep = self.sampler.random(len(nodes)) < self.sample_rate
         return [n for n, k in zip(nodes, keep, strict=True) if k]
 
+    # ------------------------------------------------------------- per-node hooks
+    def begin_round(self, server_round: int, node_ids: Sequence[int]) -> None:
+        """Called before sampling with every connected node (a hook for subclasses)."""
+
+    def shared_for(self, node_id: int) -> dict[str, Tensor]:
+        """The shared tensors sent to ``node_id`` (everyone gets the global ones here)."""
+        return self.shared
+
+    def train_config(self, node_id: int, server_round: int) -> dict[str, int | str | bytes]:
+        """Extra round config for ``node_id``'s train message (none here)."""
+        return {}
+
+    def result_arrays(self) -> dict[str, Tensor]:
+        """What the run's final "model" is (the global shared tensors here)."""
+        return self.shared
+
+    def close(self) -> None:
+        """Release what the server holds (nothing here)."""
+
     # --------------------------------------------------------------- aggregation
-    def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
-        """Validate the round's replies and update the shared tensors."""
-        accepted: list[dict[str, Tensor]] = []
-        weights: list[float] = []
+    @property
+    def global_dp_settings(self) -> GlobalDP | None:
+        if not self.global_dp:
+            return None
+        return GlobalDP(self.config.privacy.server_clip_norm, self.noise_multiplier)
+
+    def screen(self, server_round: int, replies: Sequence[ClientReply]) -> tuple[
+        list[Accepted], list[dict[str, object]]
+    ]:
+        """Validate every reply: the accepted updates (ordered by client) and the rejected
+        ones with their reasons (logged). Errors and declines are never accepted."""
+        accepted: list[Accepted] = []
         rejected: list[dict[str, object]] = []
         for reply in sorted(replies, key=lambda r: r.metrics.get("partition-id", r.node_id)):
             who = reply.metrics.get("partition-id", f"node {reply.node_id}")
@@ -109,22 +146,29 @@ class FederatedServer:
                 log.warning("round %d: rejected the update of client %s: %s", server_round,
                             who, exc)
                 continue
-            accepted.append(update)
-            weights.append(float(reply.metrics.get("num-examples", 1)))
+            accepted.append(Accepted(reply, update,
+                                     float(reply.metrics.get("num-examples", 1))))
+        return accepted, rejected
+
+    def combine(self, accepted: Sequence[Accepted], template: dict[str, Tensor],
+                denominator: float) -> tuple[dict[str, Tensor], dict[str, object]]:
+        """Mean update of ``accepted`` (clipped and noised with global DP)."""
+        return combine_updates(
+            [a.update for a in accepted], [a.weight for a in accepted], template,
+            dp=self.global_dp_settings, denominator=denominator,
+            equal_weights=self.config.federation.weighting == "equal",
+            generator=self.generator)
+
+    def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        """Validate the round's replies and update the shared tensors."""
+        accepted, rejected = self.screen(server_round, replies)
         info: dict[str, object] = {"accepted": len(accepted), "rejected": rejected}
         if self.shared:
+            mean, details = self.combine(accepted, self.shared,
+                                         self.sample_rate * self.num_clients)
+            info |= details
             if self.global_dp:
-                result = dp_average(accepted, self.shared, self.config.privacy.server_clip_norm,
-                                    self.noise_multiplier,
-                                    denominator=self.sample_rate * self.num_clients,
-                                    generator=self.generator)
                 self.accountant.step(self.noise_multiplier, self.sample_rate)
-                mean = result.update
-                info |= {"clipped": result.clipped, "noise_std": result.noise_std,
-                         "update_norms": result.norms}
-            else:
-                equal = self.config.federation.weighting == "equal"
-                mean = average_updates(accepted, self.shared, None if equal else weights)
             lr = self.config.federation.server_lr
             self.shared = {k: v + lr * mean[k] for k, v in self.shared.items()}
         info["global_epsilon"] = (self.accountant.epsilon(self.config.privacy.delta)

@@ -1,0 +1,293 @@
+"""SecFPP in the federation: hierarchical prompts, clustering, cluster-wise DP."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.app import PERSONAL_KEY
+from clients.app import app as client_app
+from fedprompt.config import load_config
+from fedprompt.data.domains import client_domains, domain_slot
+from fedprompt.errors import DataError
+from fedprompt.federated.clustered import SHARE_KEY, match_labels
+from fedprompt.secure.clustering import ClusteringError, ClusteringResult, ClusteringSettings
+from fedprompt.secure.plaintext_clustering import PlaintextClustering
+from strategies.inprocess import inprocess_grid, run_inprocess, run_on_grid
+from tests.conftest import SHARED_DATA, shared_dataset
+
+BASE = ["backbone.model='clip-tiny'", "data.max_train_per_class=12", "prompt.n_ctx=4",
+        "train.batch_size=16", "federation.rounds=2", "federation.method='secfpp'",
+        "clustering.backend='plaintext'", "clustering.reduce_dim=16",
+        "data.domains='digits,digits-inverted'", "data.num_clients=4", "data.partition='iid'"]
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config(overrides=[*BASE, f"output_dir='{tmp_path}'", *overrides])
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+class FixedClustering:
+    """A backend whose assignments are scripted per round (by relay id): a dict of
+    assignments, an exception to raise, or None for "cluster in the clear". Submissions
+    are still opened with the plaintext backend, so they must be valid."""
+
+    insecure = True
+
+    def __init__(self, script: dict[int, Any], dim: int = 16,
+                 exclude: dict[int, dict[int, str]] | None = None) -> None:
+        self.inner = PlaintextClustering(ClusteringSettings(dim=dim))
+        self.script = script
+        self.exclude = exclude or {}
+        self.calls: list[tuple[int, list[int]]] = []
+        self.closed = False
+
+    def client_material(self) -> dict[str, bytes]:
+        return self.inner.client_material()
+
+    seal = staticmethod(PlaintextClustering.seal)
+
+    def cluster(self, round_id: int, submissions: dict[int, bytes]) -> ClusteringResult:
+        self.calls.append((round_id, sorted(submissions)))
+        for cid, blob in submissions.items():
+            self.inner.open(blob, round_id, cid)
+        planned = self.script.get(round_id)
+        if isinstance(planned, Exception):
+            raise planned
+        if planned is None:
+            return self.inner.cluster(round_id, submissions)
+        excluded = self.exclude.get(round_id, {})
+        assignments = {c: planned[c] for c in submissions if c not in excluded}
+        return ClusteringResult(k=len(set(assignments.values())), assignments=assignments,
+                                excluded=dict(excluded))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Recorder:
+    """Wraps the ClientApp; records what every node receives and sends."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.app = ClientApp()
+        self.app.train()(self._train)
+        self.app.evaluate()(self._evaluate)
+
+    def _note(self, kind: str, msg: Message, context: Context) -> None:
+        self.received.append({
+            "kind": kind, "node": context.node_id,
+            "round": int(msg.content["config"]["server-round"]),
+            "arrays": msg.content["arrays"].to_torch_state_dict(),
+        })
+
+    def _train(self, msg: Message, context: Context) -> Message:
+        self._note("train", msg, context)
+        reply = client_app(msg, context)
+        self.sent.append({"kind": "train", "node": context.node_id,
+                          "round": int(msg.content["config"]["server-round"]),
+                          "records": set(reply.content.keys()),
+                          "arrays": reply.content["arrays"].to_torch_state_dict(),
+                          "config": dict(reply.content["config"])})
+        return reply
+
+    def _evaluate(self, msg: Message, context: Context) -> Message:
+        self._note("evaluate", msg, context)
+        reply = client_app(msg, context)
+        self.sent.append({"kind": "evaluate", "node": context.node_id,
+                          "records": set(reply.content.keys())})
+        return reply
+
+
+# ------------------------------------------------------------------------ units
+def test_multi_domain_clients_are_dealt_in_blocks_and_split_within_their_domain() -> None:
+    config = load_config(overrides=["data.domains='digits, digits-inverted'",
+                                    "data.num_clients=5"])
+    assert config.data.domains == ["digits", "digits-inverted"]
+    assert client_domains(config.data, 5) == [0, 0, 0, 1, 1]
+    slot = domain_slot(config.data, 3, 5)
+    assert (slot.domain, slot.partition_id, slot.num_partitions) == (1, 0, 2)
+    assert slot.data.dataset == "digits-inverted" and slot.data.domains == []
+    from fedprompt.data import load_dataset
+
+    with pytest.raises(DataError, match="multi-domain run is federated"):
+        load_dataset(config.data)
+
+
+def test_new_cluster_labels_keep_the_ids_of_the_clusters_they_overlap() -> None:
+    previous = {10: 0, 11: 0, 12: 1, 13: 1}
+    # the backend's labels are arbitrary: 0 and 1 swapped keep their old ids
+    assert match_labels(previous, {10: 1, 11: 1, 12: 0, 13: 0}) == previous
+    # a third group gets a fresh id
+    assert match_labels(previous, {10: 0, 11: 2, 12: 1, 13: 1}) == {10: 0, 11: 2, 12: 1,
+                                                                    13: 1}
+
+
+# --------------------------------------------------------------------- federation
+def test_secfpp_runs_in_process_and_records_the_clustering(tmp_path: Path) -> None:
+    config = _config(tmp_path, "federation.rounds=3")
+    grid = inprocess_grid(config, 4)
+    out = run_on_grid(grid, config, tmp_path / "run")
+    data = _metrics(out)
+    assert [r["summary"]["clients_trained"] for r in data["rounds"]] == [4, 4, 4]
+    first = data["rounds"][0]
+    assert set(first["server"]["cluster_of"].values()) == {0}  # round 1: one cluster
+    for record in data["rounds"]:
+        clustering = record["server"]["clustering"]
+        assert clustering["backend"] == "plaintext" and clustering["secure"] is False
+        assert clustering["submissions"] == 4 and not clustering["fallback"]
+        assert record["summary"]["clustering_k"] >= 1
+        assert record["summary"]["cluster_ari"] is not None  # known domains
+        assert set(record["server"]["assignments_next"]) == {"0", "1", "2", "3"}
+    # the class-level prompt is personal: one row per class of the client's domain
+    personal = grid.contexts[1].state[PERSONAL_KEY].to_torch_state_dict()
+    assert set(personal) == {"class_ctx"} and personal["class_ctx"].shape[0] == 10
+    header = (out / "rounds.csv").read_text().splitlines()[0].split(",")
+    assert {"clusters", "clustering_k", "clustering_fallback", "cluster_ari"} <= set(header)
+    clients = (out / "clients.csv").read_text().splitlines()[0].split(",")
+    assert {"cluster", "cluster_next"} <= set(clients)
+
+
+def test_class_level_prompts_are_never_in_any_reply(tmp_path: Path) -> None:
+    recorder = Recorder()
+    run_inprocess(_config(tmp_path), 4, client_app=recorder.app)
+    train = [s for s in recorder.sent if s["kind"] == "train"]
+    assert len(train) == 8
+    for reply in train:
+        assert set(reply["arrays"]) == {"domain_ctx"}
+        assert reply["records"] == {"arrays", "metrics", "config"}
+        assert set(reply["config"]) == {"declined-reason", SHARE_KEY}
+        assert isinstance(reply["config"][SHARE_KEY], bytes)
+    evaluate = [s for s in recorder.sent if s["kind"] == "evaluate"]
+    assert evaluate and all(s["records"] == {"metrics"} for s in evaluate)
+
+
+def test_domain_prompts_of_a_cluster_never_reach_another_cluster(tmp_path: Path) -> None:
+    # relay ids 0, 1 -> cluster 0 and 2, 3 -> cluster 1 from round 1 on (nodes 1..4)
+    split = {0: 0, 1: 0, 2: 1, 3: 1}
+    backend = FixedClustering({r: split for r in range(1, 5)})
+    recorder = Recorder()
+    config = _config(tmp_path, "federation.rounds=4")
+    grid = inprocess_grid(config, 4, client_app=recorder.app)
+    out = run_on_grid(grid, config, tmp_path / "run", backend=backend)
+    assert backend.closed  # the strategy closed the backend at the end
+    cluster = {1: 0, 2: 0, 3: 1, 4: 1}
+    got = {(r["kind"], r["round"], r["node"]): r["arrays"]["domain_ctx"]
+           for r in recorder.received}
+    update = {(s["round"], s["node"]): s["arrays"]["domain_ctx"]
+              for s in recorder.sent if s["kind"] == "train"}
+    for rnd in (3, 4):  # clusters in force from round 2; check every later round exactly
+        for node, c in cluster.items():
+            members = [n for n, cc in cluster.items() if cc == c]
+            expected = got[("train", rnd - 1, node)] + torch.stack(
+                [update[(rnd - 1, m)] for m in members]).mean(0)
+            torch.testing.assert_close(got[("train", rnd, node)], expected)
+            others = [n for n, cc in cluster.items() if cc != c]
+            for other in others:
+                assert not torch.equal(got[("train", rnd, node)],
+                                       got[("train", rnd, other)])
+    data = _metrics(out)
+    assert data["rounds"][-1]["server"]["cluster_of"] == {"0": 0, "1": 0, "2": 1, "3": 1}
+
+
+def test_a_failed_clustering_round_keeps_the_last_assignments(tmp_path: Path,
+                                                              caplog) -> None:
+    split = {0: 0, 1: 0, 2: 1, 3: 1}
+    backend = FixedClustering({1: split, 2: ClusteringError("compute party 1 died"),
+                               3: {0: 0, 1: 0, 2: 0, 3: 0}},
+                              exclude={3: {0: "share has the wrong size"}})
+    config = _config(tmp_path, "federation.rounds=4")
+    with caplog.at_level(logging.WARNING, logger="fedprompt.server"):
+        data = _metrics(run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
+                                    backend=backend))
+    rounds = data["rounds"]
+    failed = rounds[1]["server"]["clustering"]
+    assert failed["fallback"] is True and "compute party 1 died" in failed["error"]
+    assert rounds[1]["summary"]["clustering_fallback"] is True
+    assert rounds[1]["server"]["assignments_next"] == rounds[0]["server"]["assignments_next"]
+    assert rounds[2]["server"]["cluster_of"] == {"0": 0, "1": 0, "2": 1, "3": 1}
+    assert any("clustering failed: compute party 1 died" in r.getMessage()
+               for r in caplog.records)
+    # round 3: client 0 is excluded (bad share) and keeps cluster 0; 1 moves to cluster 1
+    third = rounds[2]["server"]
+    assert third["clustering"]["excluded"] == {"0": "share has the wrong size"}
+    assert third["assignments_next"] == {"0": 0, "1": 1, "2": 1, "3": 1}
+    assert rounds[3]["server"]["cluster_of"] == {"0": 0, "1": 1, "2": 1, "3": 1}
+
+
+def test_cluster_wise_dp_noise_and_ledgers(tmp_path: Path) -> None:
+    backend = FixedClustering({r: {0: 0, 1: 1, 2: 1, 3: 1} for r in range(1, 4)})
+    config = _config(tmp_path, "federation.rounds=3", "privacy.mode='noise-multiplier'",
+                     "privacy.local=false", "privacy.server=true",
+                     "privacy.server_noise_multiplier=0.7", "privacy.server_clip_norm=0.5",
+                     "privacy.reproducible_noise=true")
+    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run", backend=backend)
+    rounds = _metrics(out)["rounds"]
+    assert rounds[0]["server"]["clusters"]["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 4)
+    for record in rounds[1:]:
+        # the 3-client group overlaps the old all-in-one cluster 0 most, so it keeps id 0
+        clusters = record["server"]["clusters"]
+        assert clusters["0"]["members"] == 3 and clusters["1"]["members"] == 1
+        assert clusters["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 3)
+        assert clusters["1"]["noise_std"] == pytest.approx(0.7 * 0.5 / 1)
+        assert record["server"]["cluster_of"] == {"0": 1, "1": 0, "2": 0, "3": 0}
+    ledgers = {lg["party"]: lg for lg in
+               json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
+    server = [e["epsilon"] for e in ledgers["server"]["entries"]]
+    for party, first_round in (("cluster-0", 1), ("cluster-1", 2)):  # cluster 1 from round 2
+        entries = ledgers[party]["entries"]
+        eps = [e["epsilon"] for e in entries]
+        assert [e["round"] for e in entries] == list(range(first_round, 4))
+        assert eps == sorted(eps) and len(set(eps)) == len(eps) and eps[0] > 0
+        # a new cluster's prompt derives from every earlier release: its accountant starts
+        # from the per-client one, and one release per client per round keeps them equal
+        assert eps == pytest.approx(server[first_round - 1:])
+    assert rounds[-1]["summary"]["cluster_epsilon_max"] == pytest.approx(
+        ledgers["server"]["epsilon"])
+
+
+def _two_domain_folders(root: Path) -> list[Path]:
+    """Small ImageFolder copies (symlinks) of cifar10-mini and flowers12: 8 train and 4
+    test images per class, so the feature encoding stays quick."""
+    out = []
+    for name in ("cifar10-mini", "flowers12"):
+        source = shared_dataset(name)
+        for split, n in (("train", 8), ("test", 4)):
+            for folder in sorted((source / split).iterdir()):
+                target = root / name / split / folder.name
+                target.mkdir(parents=True)
+                for image in sorted(folder.iterdir())[:n]:
+                    (target / image.name).symlink_to(image)
+        out.append(root / name)
+    return out
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_clustering_recovers_two_known_domains(tmp_path: Path) -> None:
+    domains = _two_domain_folders(tmp_path / "data")
+    config = load_config(overrides=[
+        "backbone.model='effnet-minilm'", "backbone.image_size=128", "prompt.n_ctx=16",
+        "train.batch_size=32", "train.scheduler='constant'", "federation.method='secfpp'",
+        "federation.rounds=3", "clustering.backend='plaintext'", "clustering.reduce_dim=32",
+        f"data.domains='{domains[0]},{domains[1]}'", "data.num_clients=6",
+        "data.partition='iid'", f"output_dir='{tmp_path}'"])
+    data = _metrics(run_inprocess(config))
+    aris = [r["summary"]["cluster_ari"] for r in data["rounds"]]
+    assert aris[-1] == 1.0, aris
+    assert data["rounds"][-1]["summary"]["clusters"] == 2
+    assigned = data["rounds"][-1]["server"]["assignments_next"]
+    assert len({assigned[str(c)] for c in (0, 1, 2)}) == 1
+    assert len({assigned[str(c)] for c in (3, 4, 5)}) == 1
+    assert np.isfinite(data["final"]["local_accuracy_mean"])
