@@ -63,17 +63,19 @@ import numpy as np
 
 from fedprompt.config import RunConfig, flatten, load_config, parse_override
 from fedprompt.console import console, make_progress
+from fedprompt.data.datasets import BUNDLED
 from fedprompt.results import create_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "fedprompt.sweep/1"
-METHOD_NAMES = {"promptfl": "PromptFL", "fedpgp": "FedPGP", "dpfpl": "DP-FPL",
+METHOD_NAMES = {"promptfl": "PromptFL", "fedpgp": "FedPGP", "dpfpl": "DP-FPL", "secfpp": "SecFPP",
                 "local-only": "Local", "dpfpl-no-residual": "DP-FPL w/o r",
                 "dpfpl-full-rank": "DP-FPL full rank"}
 CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason",
                "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
                "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
-               "privacy_label", "nominal_epsilon", "seconds", "results"]
+               "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
+               "cluster_epsilon_max", "clustering_seconds", "seconds", "results"]
 
 
 # ----------------------------------------------------------------------------- grid
@@ -160,7 +162,8 @@ def _resolve(value: str, is_path: bool) -> str:
 def resolve_paths(config: RunConfig) -> RunConfig:
     data, model = config.data.dataset, config.backbone.model
     return config.with_overrides({
-        "data.dataset": _resolve(data, data != "digits"),
+        "data.dataset": _resolve(data, data not in BUNDLED),
+        "data.domains": [_resolve(d, d not in BUNDLED) for d in config.data.domains],
         "backbone.model": _resolve(model, model.startswith((".", "~"))),
     }, source="sweep path resolution")
 
@@ -168,8 +171,12 @@ def resolve_paths(config: RunConfig) -> RunConfig:
 def missing_input(config: RunConfig) -> str | None:
     """Why ``config`` cannot run here (data set or checkpoint folder absent), or None."""
     data, model = config.data.dataset, config.backbone.model
-    if data != "digits" and not Path(data).is_dir():
-        return f"data set folder {data} does not exist (edit data.dataset)"
+    for folder, key in [(data, "data.dataset")] + [(d, "data.domains")
+                                                   for d in config.data.domains]:
+        if key == "data.dataset" and config.data.domains:
+            continue  # data.domains replaces data.dataset
+        if folder not in BUNDLED and not Path(folder).is_dir():
+            return f"data set folder {folder} does not exist (edit {key})"
     if model.startswith(("/", ".", "~")) and not Path(model).is_dir():
         return f"checkpoint folder {model} does not exist (edit backbone.model)"
     return None
@@ -213,7 +220,14 @@ def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
         return max(values) if values else None
 
     privacy = metrics["privacy"]
-    return {"local_accuracy": mean("local_accuracy_mean"),
+    final = summaries[-1] if summaries else {}
+    clustering = [s["clustering_seconds"] for s in summaries
+                  if s.get("clustering_seconds") is not None]
+    clustered = {"clusters": final.get("clusters"), "cluster_ari": final.get("cluster_ari"),
+                 "cluster_epsilon_max": most("cluster_epsilon_max"),
+                 "clustering_seconds": float(np.mean(clustering)) if clustering else None
+                 } if "clusters" in final else {}
+    return {**clustered, "local_accuracy": mean("local_accuracy_mean"),
             "local_accuracy_client_std": mean("local_accuracy_std"),
             "neighbor_accuracy": mean("neighbor_accuracy_mean"),
             "neighbor_accuracy_client_std": mean("neighbor_accuracy_std"),
@@ -364,6 +378,18 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
                                                             else f" ± {100 * std:.2f}"))
                 cells.append(" / ".join(parts))
             lines.append(f"| {eps} | " + " | ".join(cells) + f" | {_spent(records, eps)} |")
+        lines.append("")
+    clustered = [r for r in records if r.get("status") == "done" and "clusters" in r]
+    if clustered:
+        lines += ["### Clustering (clustered methods, last round)", "",
+                  "| data set | method | ε | seed | clusters | ARI vs domains | "
+                  "mean clustering s |", "|---|---|---|---|---|---|---|"]
+        for r in clustered:
+            ari, secs = r.get("cluster_ari"), r.get("clustering_seconds")
+            lines.append(f"| {r['dataset']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                         f"{r['epsilon']} | {r['seed']} | {r.get('clusters')} | "
+                         f"{'–' if ari is None else f'{ari:.2f}'} | "
+                         f"{'–' if secs is None else f'{secs:.2f}'} |")
         lines.append("")
     counts: dict[str, int] = {}
     for r in records:

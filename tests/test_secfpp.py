@@ -274,15 +274,19 @@ def _two_domain_folders(root: Path) -> list[Path]:
     return out
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
-def test_clustering_recovers_two_known_domains(tmp_path: Path) -> None:
+def _two_domain_config(tmp_path: Path, backend: str):
     domains = _two_domain_folders(tmp_path / "data")
-    config = load_config(overrides=[
+    return load_config(overrides=[
         "backbone.model='effnet-minilm'", "backbone.image_size=128", "prompt.n_ctx=16",
         "train.batch_size=32", "train.scheduler='constant'", "federation.method='secfpp'",
-        "federation.rounds=3", "clustering.backend='plaintext'", "clustering.reduce_dim=32",
+        "federation.rounds=2", f"clustering.backend='{backend}'", "clustering.reduce_dim=32",
         f"data.domains='{domains[0]},{domains[1]}'", "data.num_clients=6",
         "data.partition='iid'", f"output_dir='{tmp_path}'"])
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_clustering_recovers_two_known_domains(tmp_path: Path) -> None:
+    config = _two_domain_config(tmp_path, "plaintext")
     data = _metrics(run_inprocess(config))
     aris = [r["summary"]["cluster_ari"] for r in data["rounds"]]
     assert aris[-1] == 1.0, aris
@@ -291,3 +295,24 @@ def test_clustering_recovers_two_known_domains(tmp_path: Path) -> None:
     assert len({assigned[str(c)] for c in (0, 1, 2)}) == 1
     assert len({assigned[str(c)] for c in (3, 4, 5)}) == 1
     assert np.isfinite(data["final"]["local_accuracy_mean"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_secure_backend_end_to_end_recovers_the_domains(tmp_path: Path) -> None:
+    """secfpp with CrypTen compute parties (spawned by the server, closed at the end):
+    the server relays sealed shares only, and finds the same clusters as in the clear."""
+    recorder = Recorder()
+    config = _two_domain_config(tmp_path, "secure")
+    data = _metrics(run_inprocess(config, client_app=recorder.app))
+    for record in data["rounds"]:
+        clustering = record["server"]["clustering"]
+        assert clustering["secure"] is True and not clustering["fallback"], clustering
+        assert record["summary"]["cluster_ari"] == 1.0
+    shares = [s["config"][SHARE_KEY] for s in recorder.sent if s["kind"] == "train"]
+    assert len(shares) == 12 and len(set(shares)) == 12
+    with pytest.raises(Exception):  # noqa: B017 - a sealed share is no plaintext vector
+        PlaintextClustering(ClusteringSettings(dim=32)).open(shares[0], 1, 0)
+    plain = _metrics(run_inprocess(_two_domain_config(tmp_path / "plain", "plaintext")))
+    assert ([r["server"]["assignments_next"] for r in data["rounds"]]
+            == [r["server"]["assignments_next"] for r in plain["rounds"]])
