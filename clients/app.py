@@ -36,6 +36,7 @@ from fedprompt.federated.clustered import (
     SHARE_KEY,
     material_from_config,
 )
+from fedprompt.federated.generative import open_client_session
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
 logging.getLogger("flwr").propagate = False
@@ -66,7 +67,7 @@ def _session(context: Context) -> ClientSession:
         partition_id, num_partitions = 0, 1
     key = (config.model_dump_json(), partition_id, num_partitions, client_id)
     if key not in _SESSIONS:
-        _SESSIONS[key] = ClientSession(config, partition_id, num_partitions, client_id)
+        _SESSIONS[key] = open_client_session(config, partition_id, num_partitions, client_id)
     return _SESSIONS[key]
 
 

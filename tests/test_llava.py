@@ -348,3 +348,21 @@ def test_generative_client_rounds_with_local_dp():
     assert set(second.state.personal) == {"local_ctx"}
     metrics = session.evaluate(shared, second.state)
     assert {"local-accuracy", "local-exact-match", "neighbor-accuracy"} <= set(metrics)
+
+
+def test_answer_task_from_run_config(tmp_path):
+    from fedprompt.federated.generative import GenerativeClientSession, open_client_session
+
+    root = _write_vqa(tmp_path / "vqa", n=18)
+    config = RunConfig().with_overrides({
+        "backbone.model": "llava-tiny", "task.kind": "answer",
+        "task.prompt_position": "after-image", "data.dataset": str(root),
+        "data.partition": "iid", "data.num_clients": 2, "federation.method": "promptfl",
+        "prompt.n_ctx": 2, "train.batch_size": 4, "federation.rounds": 1,
+    })
+    session = open_client_session(config, 0, 2)
+    assert isinstance(session, GenerativeClientSession) and session.model.task.kind == "answer"
+    outcome = session.train(session.learner.shared_state(), None, 1)
+    assert set(outcome.update) == {"ctx"} and outcome.metrics["steps"] >= 1
+    metrics = session.evaluate(session.learner.shared_state(), outcome.state)
+    assert metrics["local-accuracy"] == metrics["local-exact-match"]

@@ -32,7 +32,13 @@ from fedprompt.federated.client import (
     TrainOutcome,
     _dump,
     _key,
+    _load_tensor,
     cached_backbone,
+)
+from fedprompt.federated.cluster_backends import (
+    ClusteringRequest,
+    PromptTrace,
+    seal_submission,
 )
 from fedprompt.federated.methods import build_method_learner
 from fedprompt.privacy.accounting import Accountant
@@ -116,6 +122,7 @@ class GenerativeClientSession(ClientSession):
                                             max(1, len(classnames)))
         self.model = GenerativePromptModel(backbone, self.learner, self.task, classnames)
         self.initial_personal = self.learner.personal_state()
+        self.initial_shared = {k: v.cpu() for k, v in self.learner.shared_state().items()}
         rng = getattr(self.learner, "generator", None)
         self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
                                     else b"")
@@ -124,10 +131,8 @@ class GenerativeClientSession(ClientSession):
 
     # -------------------------------------------------------------------- train
     def train(self, shared: dict[str, torch.Tensor], state: ClientState | None,
-              server_round: int, clustering: Any = None) -> TrainOutcome:
-        if clustering is not None:
-            raise ConfigError("clustered methods (secfpp) are not supported with a LLaVA "
-                              "backbone yet")
+              server_round: int, clustering: ClusteringRequest | None = None
+              ) -> TrainOutcome:
         config = self.config
         state = self._load(shared, state)
         received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
@@ -182,8 +187,14 @@ class GenerativeClientSession(ClientSession):
             loss_sum += stats.loss * stats.samples if stats.samples else 0.0
             correct += round(stats.accuracy * stats.samples) if stats.samples else 0
             samples += stats.samples
-        update = {k: (v - received[k]).detach().cpu()
-                  for k, v in self.learner.shared_state().items()}
+        trained = {k: v.detach().cpu() for k, v in self.learner.shared_state().items()}
+        start = {k: v.cpu() for k, v in received.items()}
+        update = {k: v - start[k] for k, v in trained.items()}
+        first_update = (_load_tensor(state.first_update) if state.first_update else update)
+        submission = b""
+        if clustering is not None:  # a clustering round of a clustered method (secfpp)
+            trace = PromptTrace(self.initial_shared, start, trained, first_update)
+            submission = seal_submission(config, clustering, trace)
         new_state = ClientState(
             personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
             optimizer=_dump(trainer.state_dict()),
@@ -193,6 +204,7 @@ class GenerativeClientSession(ClientSession):
             if isinstance(learner_rng, torch.Generator) else b"",
             batch_rng=json.dumps(batches.rng.bit_generator.state),
             rounds_trained=state.rounds_trained + 1,
+            first_update=state.first_update or (_dump(update) if update else b""),
         )
         metrics |= {
             "declined": 0, "steps": trainer.steps_taken,
@@ -202,7 +214,7 @@ class GenerativeClientSession(ClientSession):
         }
         if self.local_dp and config.privacy.mode == "nominal":
             metrics["nominal-epsilon"] = config.privacy.epsilon
-        return TrainOutcome(update, metrics, new_state)
+        return TrainOutcome(update, metrics, new_state, submission=submission)
 
     # ----------------------------------------------------------------- evaluate
     def evaluate(self, shared: dict[str, torch.Tensor], state: ClientState | None
