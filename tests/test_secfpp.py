@@ -144,13 +144,17 @@ def test_secfpp_runs_in_process_and_records_the_clustering(tmp_path: Path) -> No
     assert [r["summary"]["clients_trained"] for r in data["rounds"]] == [4, 4, 4]
     first = data["rounds"][0]
     assert set(first["server"]["cluster_of"].values()) == {0}  # round 1: one cluster
+    clustering = first["server"]["clustering"]
+    assert clustering["backend"] == "plaintext" and clustering["secure"] is False
+    assert clustering["submissions"] == 4 and not clustering["fallback"]
+    assert first["summary"]["clustering_k"] >= 1
     for record in data["rounds"]:
-        clustering = record["server"]["clustering"]
-        assert clustering["backend"] == "plaintext" and clustering["secure"] is False
-        assert clustering["submissions"] == 4 and not clustering["fallback"]
-        assert record["summary"]["clustering_k"] >= 1
         assert record["summary"]["cluster_ari"] is not None  # known domains
         assert set(record["server"]["assignments_next"]) == {"0", "1", "2", "3"}
+    # first-update signatures are fixed per client: once everyone is clustered, later
+    # rounds do not cluster again (and nobody is asked for a share)
+    assert all("clustering" not in r["server"] for r in data["rounds"][1:])
+    assert data["rounds"][2]["server"]["cluster_of"] == first["server"]["assignments_next"]
     # the class-level prompt is personal: one row per class of the client's domain
     personal = grid.contexts[1].state[PERSONAL_KEY].to_torch_state_dict()
     assert set(personal) == {"class_ctx"} and personal["class_ctx"].shape[0] == 10
@@ -162,7 +166,7 @@ def test_secfpp_runs_in_process_and_records_the_clustering(tmp_path: Path) -> No
 
 def test_class_level_prompts_are_never_in_any_reply(tmp_path: Path) -> None:
     recorder = Recorder()
-    run_inprocess(_config(tmp_path), 4, client_app=recorder.app)
+    run_inprocess(_config(tmp_path, "clustering.reduce='update'"), 4, client_app=recorder.app)
     train = [s for s in recorder.sent if s["kind"] == "train"]
     assert len(train) == 8
     for reply in train:
@@ -208,7 +212,7 @@ def test_a_failed_clustering_round_keeps_the_last_assignments(tmp_path: Path,
     backend = FixedClustering({1: split, 2: ClusteringError("compute party 1 died"),
                                3: {0: 0, 1: 0, 2: 0, 3: 0}},
                               exclude={3: {0: "share has the wrong size"}})
-    config = _config(tmp_path, "federation.rounds=4")
+    config = _config(tmp_path, "federation.rounds=4", "clustering.reduce='update'")
     with caplog.at_level(logging.WARNING, logger="fedprompt.server"):
         data = _metrics(run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
                                     backend=backend))
@@ -225,6 +229,19 @@ def test_a_failed_clustering_round_keeps_the_last_assignments(tmp_path: Path,
     assert third["clustering"]["excluded"] == {"0": "share has the wrong size"}
     assert third["assignments_next"] == {"0": 0, "1": 1, "2": 1, "3": 1}
     assert rounds[3]["server"]["cluster_of"] == {"0": 0, "1": 1, "2": 1, "3": 1}
+
+
+def test_first_update_signatures_are_clustered_again_only_after_a_failure(
+        tmp_path: Path) -> None:
+    backend = FixedClustering({1: ClusteringError("timed out after 120 s"),
+                               2: {0: 0, 1: 0, 2: 1, 3: 1}})
+    config = _config(tmp_path, "federation.rounds=3")
+    rounds = _metrics(run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
+                                  backend=backend))["rounds"]
+    assert [call[0] for call in backend.calls] == [1, 2]  # round 1 failed: retried once
+    assert rounds[0]["server"]["clustering"]["fallback"] is True
+    assert "clustering" not in rounds[2]["server"]
+    assert rounds[2]["server"]["cluster_of"] == {"0": 0, "1": 0, "2": 1, "3": 1}
 
 
 def test_cluster_wise_dp_noise_and_ledgers(tmp_path: Path) -> None:
@@ -305,12 +322,13 @@ def test_secure_backend_end_to_end_recovers_the_domains(tmp_path: Path) -> None:
     recorder = Recorder()
     config = _two_domain_config(tmp_path, "secure")
     data = _metrics(run_inprocess(config, client_app=recorder.app))
-    for record in data["rounds"]:
-        clustering = record["server"]["clustering"]
-        assert clustering["secure"] is True and not clustering["fallback"], clustering
-        assert record["summary"]["cluster_ari"] == 1.0
-    shares = [s["config"][SHARE_KEY] for s in recorder.sent if s["kind"] == "train"]
-    assert len(shares) == 12 and len(set(shares)) == 12
+    clustering = data["rounds"][0]["server"]["clustering"]
+    assert clustering["secure"] is True and not clustering["fallback"], clustering
+    assert clustering["stats"]["comm_bytes"] > 0
+    assert [r["summary"]["cluster_ari"] for r in data["rounds"]] == [1.0, 1.0]
+    shares = [s["config"][SHARE_KEY] for s in recorder.sent
+              if s["kind"] == "train" and SHARE_KEY in s["config"]]
+    assert len(shares) == 6 and len(set(shares)) == 6  # round 1 only (first-update)
     with pytest.raises(Exception):  # noqa: B017 - a sealed share is no plaintext vector
         PlaintextClustering(ClusteringSettings(dim=32)).open(shares[0], 1, 0)
     plain = _metrics(run_inprocess(_two_domain_config(tmp_path / "plain", "plaintext")))

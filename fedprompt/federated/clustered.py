@@ -6,6 +6,10 @@ One round (``federation.method = "secfpp"``):
 1. :meth:`ClusteredServer.begin_round` registers every connected node (a node seen for the
    first time joins the lowest-numbered cluster; in round 1 that is cluster 0, which
    holds everyone) and applies the assignments found by the previous round's clustering.
+   It decides whether this round clusters: rounds 1, 1 + ``cluster_every``, ... do; with
+   ``clustering.reduce = "first-update"`` (a fixed signature per client) only while some
+   connected node has not yet been clustered, since clustering the same signatures again
+   adds nothing (and a k-means started elsewhere could flip a borderline client).
 2. Each node receives its cluster's domain-level prompt (:meth:`shared_for`); in a
    clustering round its train config also carries the backend's public material, the
    round id and the id to seal under (:meth:`train_config`).
@@ -68,7 +72,8 @@ SHARE_KEY = "cluster-share"
 
 
 def clustering_round(config: RunConfig, server_round: int) -> bool:
-    return server_round % config.clustering.cluster_every == 0
+    """Rounds 1, 1 + cluster_every, 1 + 2 cluster_every, ... may cluster."""
+    return (server_round - 1) % config.clustering.cluster_every == 0
 
 
 def material_config(material: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -134,6 +139,10 @@ class ClusteredServer(FederatedServer):
         # ids are arbitrary 64-bit numbers; backends bind submissions to this id)
         self.slot: dict[int, int] = {}
         self._material: dict[str, bytes] = {}  # this round's, for train configs
+        # nodes whose submission a successful clustering has used; with first-update
+        # signatures (fixed per client) only a round with a node not yet among them clusters
+        self.clustered: set[int] = set()
+        self.clustering_now = False
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, server_round: int, node_ids: Sequence[int]) -> None:
@@ -143,8 +152,11 @@ class ClusteredServer(FederatedServer):
         for node in sorted(node_ids):
             self.assignment.setdefault(node, min(self.prompts))
             self.slot.setdefault(node, len(self.slot))
+        self.clustering_now = clustering_round(self.config, server_round) and (
+            self.config.clustering.reduce != "first-update"
+            or any(node not in self.clustered for node in node_ids))
         self._material = (material_config(self.backend.client_material())
-                          if clustering_round(self.config, server_round) else {})
+                          if self.clustering_now else {})
 
     def _apply(self, new: dict[int, int]) -> None:
         """Switch to the assignments ``new``; every cluster's prompt becomes the mean of its
@@ -172,7 +184,7 @@ class ClusteredServer(FederatedServer):
         return self.prompts[self.cluster_of(node_id)]
 
     def train_config(self, node_id: int, server_round: int) -> dict[str, int | str | bytes]:
-        if not clustering_round(self.config, server_round):
+        if not self.clustering_now:
             return {}
         return {ROUND_KEY: server_round, CLIENT_ID_KEY: self.slot[node_id], **self._material}
 
@@ -224,7 +236,7 @@ class ClusteredServer(FederatedServer):
             "cluster_of": self._by_client(self.assignment),
             "global_epsilon": self.accountant.epsilon(delta) if self.global_dp else None,
         }
-        if clustering_round(self.config, server_round):
+        if self.clustering_now:
             info["clustering"] = self._cluster(server_round, accepted, replies)
         info["assignments_next"] = self._by_client(self.pending or self.assignment)
         self.history.record_train(server_round, replies, info)
@@ -273,6 +285,7 @@ class ClusteredServer(FederatedServer):
                 labels = {node_of[slot]: label for slot, label in result.assignments.items()}
                 matched = match_labels(self.assignment, labels)
                 self.pending = self.assignment | matched
+                self.clustered |= set(labels)
                 record |= {"k": result.k, "stats": dict(result.stats),
                            "assigned": self._by_client(matched)}
                 log.info("round %d: %s clustering (%s) found k=%d in %.2f s", server_round,
