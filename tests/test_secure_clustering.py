@@ -319,3 +319,62 @@ def test_parties_restart_after_a_failure_and_refuse_replayed_rounds():
         assert b.client_material() == material  # the restarted parties kept their keys
         got = np.array([again.assignments[c] for c in range(20)])
         assert adjusted_rand_score(labels, got) == 1.0
+
+
+def test_party_command_line_is_validated(capsys):
+    from fedprompt.secure.party import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--rank", "0", "--parties", "1", "--rendezvous", "tcp://h:1"])
+    assert "at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--rank", "0", "--parties", "2", "--rendezvous", "tcp://h:1"])
+    assert "--listen and --key-file" in capsys.readouterr().err
+    args = parse_args(["--ttp", "--parties", "2", "--rendezvous", "tcp://h:1"])
+    assert args.ttp and args.supervise is False
+
+
+@pytest.mark.slow
+def test_standalone_parties_started_from_the_command_line(tmp_path):
+    """Deployment shape: parties and TTP started by `python -m fedprompt.secure.party
+    --supervise`; the server connects to them (party_addresses) and only relays."""
+    import socket
+    import subprocess
+    import sys
+
+    from fedprompt.secure.mpc_clustering import SecureClustering
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    token = "test-token-" + os.urandom(8).hex()
+    env = {**os.environ, "FEDPROMPT_PARTY_TOKEN": token, "OMP_NUM_THREADS": "1"}
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    ports = [free_port(), free_port()]
+    base = [sys.executable, "-m", "fedprompt.secure.party", "--parties", "2",
+            "--rendezvous", rendezvous, "--supervise"]
+    commands = [[*base, "--rank", str(r), "--listen", f"127.0.0.1:{ports[r]}",
+                 "--key-file", str(tmp_path / f"party{r}.key")] for r in range(2)]
+    commands.append([*base, "--ttp"])
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for c in commands]
+    try:
+        settings = dataclasses.replace(
+            SETTINGS, party_addresses=tuple(f"127.0.0.1:{p}" for p in ports),
+            auth_token=token, centroid_noise_multiplier=0.0)
+        x, labels = clustered(18, 16, 3, 0.3, seed=21)
+        with SecureClustering(settings) as backend:
+            material = backend.client_material()
+            result = backend.cluster(1, {c: seal(x[c], material, 1, c) for c in range(18)})
+        got = np.array([result.assignments[c] for c in range(18)])
+        assert result.k == 3 and adjusted_rand_score(labels, got) == 1.0
+        with pytest.raises(ClusteringError, match="token"):
+            SecureClustering(dataclasses.replace(settings, auth_token="x" * 20,
+                                                 startup_timeout_s=5.0))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)

@@ -11,6 +11,7 @@ a private network or a TLS tunnel in a deployment to keep it from third parties.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,6 +31,10 @@ MAX_PAYLOAD = 1 << 32
 
 class ChannelError(ClusteringError):
     """The peer closed the connection, sent garbage, failed authentication or timed out."""
+
+
+class AuthenticationFailed(ChannelError):
+    """The two ends do not share the control-channel token (retrying cannot help)."""
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
@@ -91,25 +96,32 @@ def _mac(token: str, *parts: bytes) -> str:
 
 
 def party_handshake(sock: socket.socket, token: str, rank: int, public_key: bytes,
-                    timeout: float) -> None:
-    """Party side: challenge the server, then prove itself. Raises ChannelError."""
+                    group: str, timeout: float) -> None:
+    """Party side: challenge the server, then prove itself. ``group`` identifies the
+    CrypTen group the party belongs to (all parties of a working group share it).
+    Raises ChannelError."""
     nonce = secrets.token_bytes(16)
     send_message(sock, {"type": "challenge", "protocol": PROTOCOL, "nonce": nonce.hex()},
                  timeout=timeout)
     reply, _ = recv_message(sock, timeout)
     if reply.get("type") != "auth" or not hmac.compare_digest(
             str(reply.get("mac", "")), _mac(token, b"server", nonce)):
-        raise ChannelError("the server failed authentication (wrong token?)")
+        with contextlib.suppress(ChannelError):
+            send_message(sock, {"type": "refused", "message": "authentication failed: the "
+                                "server does not hold this party's control token"},
+                         timeout=timeout)
+        raise AuthenticationFailed("the server failed authentication (wrong token?)")
     server_nonce = bytes.fromhex(str(reply.get("nonce", "")))
     send_message(sock, {"type": "hello", "protocol": PROTOCOL, "rank": rank,
-                        "public_key": public_key.hex(),
+                        "public_key": public_key.hex(), "group": group,
                         "mac": _mac(token, b"party", server_nonce, str(rank).encode(),
-                                    public_key)}, timeout=timeout)
+                                    public_key, group.encode())}, timeout=timeout)
 
 
-def server_handshake(sock: socket.socket, token: str, timeout: float) -> tuple[int, bytes]:
+def server_handshake(sock: socket.socket, token: str, timeout: float
+                     ) -> tuple[int, bytes, str]:
     """Server side: answer the party's challenge, check its proof; returns (rank, public
-    key). Raises ChannelError."""
+    key, group). Raises ChannelError."""
     challenge, _ = recv_message(sock, timeout)
     if challenge.get("type") != "challenge" or challenge.get("protocol") != PROTOCOL:
         raise ChannelError(f"unexpected greeting {challenge.get('type')!r} "
@@ -119,13 +131,18 @@ def server_handshake(sock: socket.socket, token: str, timeout: float) -> tuple[i
     send_message(sock, {"type": "auth", "mac": _mac(token, b"server", nonce),
                         "nonce": server_nonce.hex()}, timeout=timeout)
     hello, _ = recv_message(sock, timeout)
+    if hello.get("type") == "refused":
+        raise AuthenticationFailed(f"a party refused the connection: {hello.get('message')} "
+                                   "(check ClusteringSettings.auth_token)")
     try:
         rank = int(hello["rank"])
         public_key = bytes.fromhex(hello["public_key"])
+        group = str(hello["group"])
     except (KeyError, ValueError, TypeError) as exc:
         raise ChannelError(f"malformed hello from a party: {exc}") from exc
-    expected = _mac(token, b"party", server_nonce, str(rank).encode(), public_key)
+    expected = _mac(token, b"party", server_nonce, str(rank).encode(), public_key,
+                    group.encode())
     if hello.get("type") != "hello" or not hmac.compare_digest(str(hello.get("mac", "")),
                                                                expected):
-        raise ChannelError(f"party {rank} failed authentication (wrong token?)")
-    return rank, public_key
+        raise AuthenticationFailed(f"party {rank} failed authentication (wrong token?)")
+    return rank, public_key, group

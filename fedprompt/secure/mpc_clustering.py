@@ -43,6 +43,7 @@ from fedprompt.secure.clustering import (
     round_seed,
 )
 from fedprompt.secure.control import (
+    AuthenticationFailed,
     ChannelError,
     recv_message,
     send_message,
@@ -191,35 +192,86 @@ class SecureClustering:
 
     def _start(self) -> None:
         s = self.settings
+        deadline = time.monotonic() + s.startup_timeout_s
         if self._spawn:
             addresses = self._spawn_parties()
+            try:
+                conns, keys, _ = self._handshakes(addresses, deadline, deadline)
+            except ClusteringError as exc:
+                self._cleanup(self._procs, [], None)
+                raise ClusteringError(f"could not start the compute parties: {exc}"
+                                      f"{self._logs_hint()}") from exc
         else:
-            addresses = [self._parse(a) for a in s.party_addresses]
-        conns: list[socket.socket] = []
-        keys: list[bytes] = []
-        deadline = time.monotonic() + s.startup_timeout_s
-        try:
-            for rank, address in enumerate(addresses):
-                conn = self._connect(rank, address, deadline)
-                conns.append(conn)
-                got_rank, key = server_handshake(conn, self._token,
-                                                 max(1.0, deadline - time.monotonic()))
-                if got_rank != rank or len(key) != KEY_BYTES:
-                    raise ClusteringError(f"the party at {address[0]}:{address[1]} says it is "
-                                          f"rank {got_rank}, expected {rank}")
-                keys.append(key)
-        except ClusteringError as exc:
-            for conn in conns:
-                conn.close()
-            self._cleanup(self._procs, [], None)
-            raise ClusteringError(f"could not start the compute parties: {exc}"
-                                  f"{self._logs_hint()}") from exc
+            conns, keys = self._join_running(deadline)
         if self._keys and keys != self._keys:
             log.warning("the compute parties' public keys changed: clients must seal with "
                         "the new client_material()")
         self._conns[:] = conns
         self._keys = keys
         log.info("secure clustering: %d compute parties ready", len(conns))
+
+    def _handshakes(self, addresses: list[tuple[str, int]], deadline: float,
+                    reply_deadline: float) -> tuple[list[socket.socket], list[bytes],
+                                                    list[str]]:
+        conns: list[socket.socket] = []
+        keys: list[bytes] = []
+        groups: list[str] = []
+        try:
+            for rank, address in enumerate(addresses):
+                conn = self._connect(rank, address, deadline)
+                conns.append(conn)
+                got_rank, key, group = server_handshake(
+                    conn, self._token, max(0.5, reply_deadline - time.monotonic()))
+                if got_rank != rank or len(key) != KEY_BYTES:
+                    raise ClusteringError(f"the party at {address[0]}:{address[1]} says it is "
+                                          f"rank {got_rank}, expected {rank}")
+                keys.append(key)
+                groups.append(group)
+        except ClusteringError:
+            for conn in conns:
+                conn.close()
+            raise
+        return conns, keys, groups
+
+    def _join_running(self, deadline: float) -> tuple[list[socket.socket], list[bytes]]:
+        """Connect to external parties. They must all be members of one working CrypTen
+        group; when one is missing (restarting, waiting at the rendezvous) or the groups
+        differ (one was restarted), every reachable party is told to restart so that all
+        of them (and the TTP, whose group then breaks) form a fresh group."""
+        addresses = [self._parse(a) for a in self.settings.party_addresses]
+        problem = "no attempt"
+        # a party answers once its CrypTen group is up (a cold start takes 10-30 s); one
+        # waiting at a stale rendezvous never does
+        window = 60.0
+        while time.monotonic() < deadline:
+            reply_deadline = min(deadline, time.monotonic() + window)
+            try:
+                conns, keys, groups = self._handshakes(addresses, reply_deadline,
+                                                       reply_deadline)
+            except AuthenticationFailed as exc:
+                raise ClusteringError(f"could not join the compute parties: {exc}") from exc
+            except ClusteringError as exc:
+                problem = str(exc)
+            else:
+                if len(set(groups)) == 1:
+                    return conns, keys
+                problem = f"the parties belong to different CrypTen groups {groups}"
+                for conn in conns:
+                    conn.close()
+            log.warning("compute parties not ready (%s): asking them to restart", problem)
+            self._restart_reachable(addresses)
+            window = 120.0  # now give all of them time to restart and meet again
+            time.sleep(3.0)
+        raise ClusteringError(f"could not reach a working group of compute parties within "
+                              f"{self.settings.startup_timeout_s:.0f} s: {problem}")
+
+    def _restart_reachable(self, addresses: list[tuple[str, int]]) -> None:
+        for address in addresses:
+            with contextlib.suppress(OSError, ClusteringError):
+                conn = socket.create_connection(address, timeout=2.0)
+                with conn:
+                    server_handshake(conn, self._token, 2.0)
+                    send_message(conn, {"type": "restart"}, timeout=2.0)
 
     @staticmethod
     def _parse(address: str) -> tuple[str, int]:
@@ -374,7 +426,8 @@ class SecureClustering:
         for rank, reply in enumerate(replies):
             for key, value in reply["stats"].items():
                 stats[f"party{rank}_{key}"] = float(value)
-        stats["comm_bytes"] = sum(float(r["stats"]["comm_bytes"]) for r in replies)
+        # CrypTen counts every byte once at the sender and once at the receiver
+        stats["comm_bytes"] = sum(float(r["stats"]["comm_bytes"]) for r in replies) / 2
         if not clients:
             return ClusteringResult(k=0, assignments={}, excluded=excluded, stats=stats)
         chosen = np.asarray(first["chosen"], dtype=np.int64)

@@ -167,6 +167,10 @@ class ComputeParty:
         self.last_round = self._load_last_round()
         self.traces: dict[tuple[Any, ...], list[Any]] = {}
         self.watchdog = Watchdog()
+        # an id of this CrypTen group, the same at every party of it (party 0's draw): the
+        # server restarts everyone when the parties it reaches are not all of one group
+        group = torch.tensor(int.from_bytes(os.urandom(7), "little"), dtype=torch.long)
+        self.group = f"{int(crypten.comm.get().broadcast(group, 0)):014x}"
 
     # -- replay protection: a round's shares are clustered at most once ------------------
     def _load_last_round(self) -> int:
@@ -193,7 +197,8 @@ class ComputeParty:
             log.info("control connection from %s:%d", *peer[:2])
             with conn:
                 try:
-                    party_handshake(conn, self.token, self.rank, self.public_key, 30.0)
+                    party_handshake(conn, self.token, self.rank, self.public_key,
+                                    self.group, 30.0)
                 except ChannelError as exc:
                     log.warning("rejected a control connection from %s: %s", peer[0], exc)
                     continue
@@ -219,6 +224,9 @@ class ComputeParty:
             elif kind == "restart":
                 send_message(conn, {"type": "bye"})
                 return EXIT_RESTART
+            elif kind == "bye":
+                send_message(conn, {"type": "bye"})
+                return None
             elif kind == "cluster":
                 deadline = float(header.get("deadline_s", 120.0))
                 self.watchdog.start(deadline + 10.0, f"clustering round {header.get('round')}")
