@@ -148,9 +148,12 @@ class Cell:
 
     @property
     def fingerprint(self) -> str:
-        resolved = self.config.to_dict()
-        resolved.pop("name"), resolved.pop("output_dir")
-        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the settings that differ from the defaults (so a new config key with a
+        default does not invalidate cells already done)."""
+        defaults = flatten(RunConfig().to_dict())
+        changed = {k: v for k, v in flatten(self.config.to_dict()).items()
+                   if k not in ("name", "output_dir") and defaults.get(k, object()) != v}
+        return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _resolve(value: str, is_path: bool) -> str:
