@@ -201,6 +201,26 @@ class ClientSession:
         return generator
 
     # -------------------------------------------------------------------- train
+    @property
+    def batch_device(self) -> torch.device | str:
+        """Where training batches live (cached features: on the backbone's device)."""
+        return self.backbone.device
+
+    def _trainer(self, total_steps: int) -> LocalTrainer:
+        """The non-private local trainer (subclasses with another model override it)."""
+        return LocalTrainer(self.classifier, self.config.train, total_steps)
+
+    def _dp_trainer(self, total_steps: int, noise: float, accountant: Accountant,
+                    generator: torch.Generator) -> LocalTrainer:
+        """The DP-SGD local trainer (subclasses with another model override it)."""
+        privacy = self.config.privacy
+        return DPLocalTrainer(
+            self.classifier, self.config.train, total_steps, noise_multiplier=noise,
+            clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
+            expected_batch_size=self.sample_rate * self.num_examples,
+            accountant=accountant, generator=generator, chunk=privacy.per_sample_chunk,
+        )
+
     def train(self, shared: dict[str, Tensor], state: ClientState | None,
               server_round: int, clustering: ClusteringRequest | None = None) -> TrainOutcome:
         """One round of local training. With ``clustering`` (a clustering round of a
@@ -219,7 +239,7 @@ class ClientSession:
         sampling_seed = (batch_seed(config.seed, self.partition_id)
                          if config.privacy.reproducible_noise or not self.local_dp
                          else secrets.randbits(63))
-        device = self.backbone.device
+        device = self.batch_device
         if self.local_dp:
             noise = self.local_noise_multiplier()
             budget_check = config.privacy.mode != "nominal"
@@ -232,18 +252,12 @@ class ClientSession:
                 metrics |= {"declined": 1, "epsilon": accountant.epsilon(config.privacy.delta),
                             "steps": 0}
                 return TrainOutcome({}, metrics, state, reason)
-            trainer: LocalTrainer = DPLocalTrainer(
-                self.classifier, config.train, total_steps, noise_multiplier=noise,
-                clip_norm=config.privacy.clip_norm, sample_rate=self.sample_rate,
-                expected_batch_size=self.sample_rate * self.num_examples,
-                accountant=accountant, generator=generator,
-                chunk=config.privacy.per_sample_chunk,
-            )
+            trainer = self._dp_trainer(total_steps, noise, accountant, generator)
             batches: Any = PoissonBatches(self.train_features, self.train_labels,
                                           self.sample_rate, self.steps_per_epoch,
                                           seed=sampling_seed, device=device)
         else:
-            trainer = LocalTrainer(self.classifier, config.train, total_steps)
+            trainer = self._trainer(total_steps)
             batches = FeatureBatches(self.train_features, self.train_labels,
                                      config.train.batch_size, shuffle=True,
                                      seed=sampling_seed, device=device)

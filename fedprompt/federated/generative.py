@@ -14,36 +14,25 @@ in :class:`~fedprompt.federated.client.ClientState`. Strategies need no LLaVA ca
 
 from __future__ import annotations
 
-import io
 import json
-import secrets
-from typing import Any
 
 import torch
 
 from fedprompt.backbones.llava import LlavaBackbone, is_llava_source
 from fedprompt.config import RunConfig
-from fedprompt.data import FeatureBatches, load_dataset, partition
+from fedprompt.data import load_dataset, partition
 from fedprompt.data.vqa import QASplits, as_label_splits, classification_qa, jsonl_qa
 from fedprompt.errors import ConfigError
 from fedprompt.federated.client import (
     ClientSession,
     ClientState,
-    TrainOutcome,
     _dump,
     _key,
-    _load_tensor,
     cached_backbone,
-)
-from fedprompt.federated.cluster_backends import (
-    ClusteringRequest,
-    PromptTrace,
-    seal_submission,
 )
 from fedprompt.federated.methods import build_method_learner
 from fedprompt.privacy.accounting import Accountant
-from fedprompt.privacy.dp_sgd import PoissonBatches, poisson_plan
-from fedprompt.seeding import batch_seed
+from fedprompt.privacy.dp_sgd import poisson_plan
 from fedprompt.tasks.config import TaskConfig
 from fedprompt.tasks.generative import EncodedQA, GenerativePromptModel, encode_qa
 from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
@@ -130,91 +119,23 @@ class GenerativeClientSession(ClientSession):
                                                               config.train.batch_size)
 
     # -------------------------------------------------------------------- train
-    def train(self, shared: dict[str, torch.Tensor], state: ClientState | None,
-              server_round: int, clustering: ClusteringRequest | None = None
-              ) -> TrainOutcome:
-        config = self.config
-        state = self._load(shared, state)
-        received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
-        accountant = (Accountant.from_json(state.accountant) if state.accountant
-                      else Accountant(config.privacy.accountant))
-        metrics: dict[str, float | int] = {
-            "partition-id": self.partition_id, "num-examples": self.num_examples,
-            "server-round": server_round,
-        }
-        total_steps = self.planned_steps
-        generator = self._generator(state.generator, "noise")
-        sampling_seed = (batch_seed(config.seed, self.partition_id)
-                         if config.privacy.reproducible_noise or not self.local_dp
-                         else secrets.randbits(63))
-        chunk = config.privacy.per_sample_chunk
-        trainer: LocalTrainer
-        if self.local_dp:
-            noise = self.local_noise_multiplier()
-            budget_check = config.privacy.mode != "nominal"
-            projected = accountant.epsilon_after(noise, self.sample_rate, self.round_steps,
-                                                 config.privacy.delta)
-            metrics |= {"noise-multiplier": noise, "sample-rate": self.sample_rate}
-            if budget_check and projected > config.privacy.epsilon * (1 + 1e-6):
-                reason = (f"privacy budget spent: epsilon would reach {projected:.4f} > "
-                          f"{config.privacy.epsilon} after this round; declining to train")
-                metrics |= {"declined": 1, "epsilon": accountant.epsilon(config.privacy.delta),
-                            "steps": 0}
-                return TrainOutcome({}, metrics, state, reason)
-            trainer = DPGenerativeTrainer(
-                self.model, self.train_data, config.train, total_steps,
-                noise_multiplier=noise, clip_norm=config.privacy.clip_norm,
-                sample_rate=self.sample_rate,
-                expected_batch_size=self.sample_rate * self.num_examples,
-                accountant=accountant, generator=generator, chunk=chunk,
-            )
-            batches: Any = PoissonBatches(self.train_features, self.train_labels,
-                                          self.sample_rate, self.steps_per_epoch,
-                                          seed=sampling_seed)
-        else:
-            trainer = GenerativeTrainer(self.model, self.train_data, config.train, total_steps,
-                                        chunk=chunk)
-            batches = FeatureBatches(self.train_features, self.train_labels,
-                                     config.train.batch_size, shuffle=True, seed=sampling_seed)
-        if state.batch_rng:
-            batches.rng.bit_generator.state = json.loads(state.batch_rng)
-        if state.optimizer:
-            trainer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
-        learner_rng = getattr(self.learner, "generator", None)
-        loss_sum, correct, samples = 0.0, 0, 0
-        for _ in range(config.federation.local_epochs):
-            stats = trainer.train_epoch(batches)
-            loss_sum += stats.loss * stats.samples if stats.samples else 0.0
-            correct += round(stats.accuracy * stats.samples) if stats.samples else 0
-            samples += stats.samples
-        trained = {k: v.detach().cpu() for k, v in self.learner.shared_state().items()}
-        start = {k: v.cpu() for k, v in received.items()}
-        update = {k: v - start[k] for k, v in trained.items()}
-        first_update = (_load_tensor(state.first_update) if state.first_update else update)
-        submission = b""
-        if clustering is not None:  # a clustering round of a clustered method (secfpp)
-            trace = PromptTrace(self.initial_shared, start, trained, first_update)
-            submission = seal_submission(config, clustering, trace)
-        new_state = ClientState(
-            personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
-            optimizer=_dump(trainer.state_dict()),
-            accountant=accountant.to_json(),
-            generator=_dump(generator.get_state()),
-            learner_rng=_dump(learner_rng.get_state())
-            if isinstance(learner_rng, torch.Generator) else b"",
-            batch_rng=json.dumps(batches.rng.bit_generator.state),
-            rounds_trained=state.rounds_trained + 1,
-            first_update=state.first_update or (_dump(update) if update else b""),
+    # ClientSession.train drives the round (budget check, batches, state, update); only
+    # the trainers differ. Batches are index tensors into ``train_data``, on the CPU.
+    batch_device = "cpu"
+
+    def _trainer(self, total_steps: int) -> LocalTrainer:
+        return GenerativeTrainer(self.model, self.train_data, self.config.train, total_steps,
+                                 chunk=self.config.privacy.per_sample_chunk)
+
+    def _dp_trainer(self, total_steps: int, noise: float, accountant: Accountant,
+                    generator: torch.Generator) -> LocalTrainer:
+        privacy = self.config.privacy
+        return DPGenerativeTrainer(
+            self.model, self.train_data, self.config.train, total_steps,
+            noise_multiplier=noise, clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
+            expected_batch_size=self.sample_rate * self.num_examples,
+            accountant=accountant, generator=generator, chunk=privacy.per_sample_chunk,
         )
-        metrics |= {
-            "declined": 0, "steps": trainer.steps_taken,
-            "train-loss": loss_sum / samples if samples else float("nan"),
-            "train-accuracy": correct / samples if samples else float("nan"),
-            "epsilon": accountant.epsilon(config.privacy.delta) if self.local_dp else -1.0,
-        }
-        if self.local_dp and config.privacy.mode == "nominal":
-            metrics["nominal-epsilon"] = config.privacy.epsilon
-        return TrainOutcome(update, metrics, new_state, submission=submission)
 
     # ----------------------------------------------------------------- evaluate
     def evaluate(self, shared: dict[str, torch.Tensor], state: ClientState | None
