@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -164,7 +165,7 @@ class ComputeParty:
         self.crypten = crypten
         self.provider = install_provider()
         self.state_file = state_file
-        self.last_round = self._load_last_round()
+        self.seen = self._load_seen()
         self.traces: dict[tuple[Any, ...], list[Any]] = {}
         self.watchdog = Watchdog()
         # an id of this CrypTen group, the same at every party of it (party 0's draw): the
@@ -172,23 +173,34 @@ class ComputeParty:
         group = torch.tensor(int.from_bytes(os.urandom(7), "little"), dtype=torch.long)
         self.group = f"{int(crypten.comm.get().broadcast(group, 0)):014x}"
 
-    # -- replay protection: a round's shares are clustered at most once ------------------
-    def _load_last_round(self) -> int:
-        try:
-            return int(self.state_file.read_text().strip())
-        except FileNotFoundError:
-            return -1
-        except ValueError as exc:
-            raise PartyFailure(f"state file {self.state_file} is corrupt: {exc}") from exc
+    # -- replay protection: every sealed part is used at most once -----------------------
+    # A part's ephemeral X25519 key is fresh for every seal, so its digest identifies the
+    # part; the digests of all parts used are appended to the state file. A server that
+    # relays old submissions again gets them excluded ("replayed").
+    _DIGEST = 16
 
-    def _claim_round(self, round_id: int) -> None:
-        if round_id <= self.last_round:
-            raise ShareRejected(f"round {round_id} is not after the last round clustered "
-                                f"({self.last_round}): replay refused")
-        self.last_round = round_id
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(str(round_id))
-        tmp.replace(self.state_file)
+    def _load_seen(self) -> set[bytes]:
+        try:
+            raw = self.state_file.read_bytes()
+        except FileNotFoundError:
+            return set()
+        if len(raw) % self._DIGEST:
+            raise PartyFailure(f"state file {self.state_file} is corrupt (size {len(raw)})")
+        return {raw[i: i + self._DIGEST] for i in range(0, len(raw), self._DIGEST)}
+
+    @classmethod
+    def _digest(cls, part: bytes) -> bytes:
+        from fedprompt.secure.sealing import HEADER, KEY_BYTES
+
+        return hashlib.sha256(part[HEADER.size: HEADER.size + KEY_BYTES]).digest()[
+            : cls._DIGEST]
+
+    def _remember(self, digests: list[bytes]) -> None:
+        self.seen.update(digests)
+        with open(self.state_file, "ab") as handle:
+            handle.write(b"".join(digests))
+            handle.flush()
+            os.fsync(handle.fileno())
 
     # -- serving ----------------------------------------------------------------------------
     def serve(self) -> int:
@@ -297,19 +309,24 @@ class ComputeParty:
         sizes = [int(s) for s in h["sizes"]]
         if len(sizes) != len(clients) or sum(sizes) != len(payload):
             raise ShareRejected("request payload does not match its size list")
-        self._claim_round(round_id)
         rows: list[np.ndarray] = []
         local_bad: dict[int, str] = {}
+        used: list[bytes] = []
         offset = 0
         for cid, size in zip(clients, sizes, strict=True):
             part = payload[offset: offset + size]
             offset += size
+            digest = self._digest(part)
             try:
+                if digest in self.seen or digest in used:
+                    raise ShareRejected("this sealed share was already used (replayed)")
                 rows.append(open_part(part, self.key, self.rank, round_id, cid, dim,
                                       self.parties))
+                used.append(digest)
             except ShareRejected as exc:
                 local_bad[cid] = str(exc)
                 rows.append(np.zeros(dim, dtype=np.int64))
+        self._remember(used)
         # every party must drop the same clients: agree on the union of local failures
         flags = torch.tensor([1 if c in local_bad else 0 for c in clients], dtype=torch.long)
         agreed = comm.all_reduce(flags) if clients else flags
@@ -414,7 +431,7 @@ def run_worker(args: argparse.Namespace) -> int:
     port = listener.getsockname()[1]
     crypten = init_crypten(args.rank, args.parties, args.rendezvous, args.gloo_timeout)
     party = ComputeParty(args.rank, args.parties, key, token, listener, crypten,
-                         args.key_file.with_suffix(".rounds"))
+                         args.key_file.with_suffix(".used"))
     print(json.dumps({"event": "ready", "rank": args.rank, "control_port": port,
                       "public_key": party.public_key.hex()}), flush=True)
     try:
