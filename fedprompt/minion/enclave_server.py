@@ -1,0 +1,467 @@
+"""Reference enclave server: attestation plus encrypted chat endpoints (FastAPI + uvicorn).
+
+Endpoints (all JSON; binary fields base64):
+
+* ``POST /v1/attestation``  ``{nonce, client_public_key}`` -> ``{suite, session_id,
+  server_public_key, evidence}``. A fresh X25519 key pair and session per call; the
+  evidence binds the session transcript (see :mod:`fedprompt.minion.channel`).
+* ``POST /v1/message``  ``{session_id, counter, kind, ciphertext}`` -> one sealed frame.
+* ``POST /v1/message/stream``  same request -> NDJSON, one sealed ``DATA`` frame per delta,
+  then an authenticated ``END`` frame (or an authenticated ``ERROR`` frame).
+* ``GET /v1/health``.
+
+The decrypted request ``{"messages": [{role, content}, ...], "params": {...}}`` goes to a
+backend: an OpenAI-compatible server (vLLM, SGLang) inside the enclave or a local callable.
+Malformed requests get a 4xx with a reason (never a 5xx); a failing backend gets 502 or an
+authenticated ERROR frame. Plaintext is never logged.
+
+Run: ``python -m fedprompt.minion.enclave_server --host 0.0.0.0 --port 8443
+--tls-cert cert.pem --tls-key key.pem --backend http://127.0.0.1:8000 --model NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import importlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedprompt.errors import ConfigError, FedPromptError
+from fedprompt.minion.attestation import (
+    AttestationProvider,
+    InsecureMockAttestation,
+    NvidiaGpuAttestation,
+)
+from fedprompt.minion.channel import (
+    NONCE_BYTES,
+    PUBLIC_KEY_BYTES,
+    SESSION_ID_BYTES,
+    SUITE,
+    ChannelError,
+    DecryptionError,
+    Frame,
+    FrameFormatError,
+    FrameKind,
+    HandshakeError,
+    OutOfOrderError,
+    ReplayError,
+    SecureChannel,
+    ServerHandshake,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 48 * 1024 * 1024
+MAX_CIPHERTEXT_B64 = 44 * 1024 * 1024
+MAX_MESSAGES = 4096
+ALLOWED_PARAMS = {"temperature", "max_tokens", "top_p", "stop", "response_format", "seed"}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class BackendError(FedPromptError):
+    """The model backend failed; its details stay inside the enclave."""
+
+
+# --------------------------------------------------------------------------- backends
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    done_reason: str = "stop"
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class ChatBackend(Protocol):
+    def complete(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion: ...
+
+    def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[str]: ...
+
+
+BackendFn = Callable[[list[dict[str, Any]], dict[str, Any]], str | Iterable[str]]
+
+
+class CallableBackend:
+    """A local callable ``fn(messages, params) -> str | Iterable[str]`` (tests, local models)."""
+
+    def __init__(self, fn: BackendFn) -> None:
+        self.fn = fn
+
+    def complete(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+        out = self.fn(messages, params)
+        return Completion(out if isinstance(out, str) else "".join(out))
+
+    def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[str]:
+        out = self.fn(messages, params)
+        if isinstance(out, str):
+            yield out
+        else:
+            yield from out
+
+
+class EchoBackend(CallableBackend):
+    """Demo/benchmark backend: answers with the last user message after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        def echo(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+            time.sleep(delay_s)
+            return str(messages[-1].get("content", "")) if messages else ""
+
+        super().__init__(echo)
+
+
+class OpenAICompatibleBackend:
+    """An OpenAI-compatible chat endpoint inside the enclave (vLLM, SGLang)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None,
+                 timeout_s: float = 600.0) -> None:
+        import httpx
+
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers,
+                                  timeout=timeout_s)
+
+    def _body(self, messages: list[dict[str, Any]], params: dict[str, Any],
+              stream: bool) -> dict[str, Any]:
+        return {"model": self.model, "messages": messages, "stream": stream, **params}
+
+    def complete(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+        resp = self._http.post("/v1/chat/completions", json=self._body(messages, params, False))
+        if resp.status_code != 200:
+            raise BackendError(f"backend answered HTTP {resp.status_code}")
+        data = resp.json()
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+            reason = choice.get("finish_reason") or "stop"
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError("backend answer is not an OpenAI chat completion") from exc
+        usage = {k: int(v) for k, v in (data.get("usage") or {}).items()
+                 if k in ("prompt_tokens", "completion_tokens") and isinstance(v, int)}
+        return Completion(text, reason, usage)
+
+    def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[str]:
+        body = self._body(messages, params, True)
+        with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise BackendError(f"backend answered HTTP {resp.status_code}")
+            for line in resp.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                try:
+                    delta = json.loads(payload)["choices"][0].get("delta", {}).get("content")
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise BackendError("backend stream chunk is malformed") from exc
+                if delta:
+                    yield delta
+        raise BackendError("backend stream ended without [DONE]")
+
+
+# --------------------------------------------------------------------------- wire models
+
+B64Str = Annotated[StrictStr, Field(max_length=MAX_CIPHERTEXT_B64)]
+
+
+class AttestationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nonce: Annotated[StrictStr, Field(max_length=64)]
+    client_public_key: Annotated[StrictStr, Field(max_length=64)]
+
+
+class FrameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    session_id: Annotated[StrictStr, Field(max_length=64)]
+    counter: Annotated[StrictInt, Field(ge=0, lt=2**64 - 1)]
+    kind: StrictInt
+    ciphertext: B64Str
+
+
+class ApiError(Exception):
+    """A request problem answered with ``status`` and a reason (never plaintext)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _b64(value: str, name: str, length: int | None = None) -> bytes:
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        raise ApiError(400, "bad_base64", f"{name} is not valid base64") from exc
+    if length is not None and len(raw) != length:
+        raise ApiError(400, "bad_length", f"{name} must decode to {length} bytes")
+    return raw
+
+
+def frame_to_json(frame: Frame) -> dict[str, Any]:
+    return {"counter": frame.counter, "kind": int(frame.kind),
+            "ciphertext": base64.b64encode(frame.ciphertext).decode("ascii")}
+
+
+def parse_chat_payload(plaintext: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Validate a decrypted request; errors name the problem, never echo content."""
+    try:
+        data = json.loads(plaintext)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_payload", "decrypted payload is not JSON") from exc
+    if not isinstance(data, dict) or set(data) - {"messages", "params"}:
+        raise ApiError(400, "bad_payload", "payload must be {messages, params}")
+    messages, params = data.get("messages"), data.get("params", {})
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise ApiError(400, "bad_payload", f"messages must be a list of 1..{MAX_MESSAGES}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES
+                and isinstance(m.get("content"), str)):
+            raise ApiError(400, "bad_payload",
+                           f"message {i} must have a role in {sorted(ROLES)} and string content")
+    if not isinstance(params, dict) or set(params) - ALLOWED_PARAMS:
+        raise ApiError(400, "bad_payload", f"params keys must be among {sorted(ALLOWED_PARAMS)}")
+    return messages, params
+
+
+# --------------------------------------------------------------------------- sessions
+
+class SessionStore:
+    """Bounded session table: at most ``max_sessions``, oldest evicted, idle ones expire."""
+
+    def __init__(self, max_sessions: int = 1024, ttl_s: float = 3600.0) -> None:
+        self.max_sessions, self.ttl_s = max_sessions, ttl_s
+        self._sessions: OrderedDict[bytes, tuple[SecureChannel, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, channel: SecureChannel) -> None:
+        with self._lock:
+            self._sessions[channel.session_id] = (channel, time.monotonic())
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+
+    def get(self, session_id: bytes) -> SecureChannel:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                raise ApiError(404, "unknown_session", "unknown or expired session; re-attest")
+            channel, last = entry
+            if time.monotonic() - last > self.ttl_s:
+                del self._sessions[session_id]
+                raise ApiError(404, "unknown_session", "session expired; re-attest")
+            self._sessions[session_id] = (channel, time.monotonic())
+            self._sessions.move_to_end(session_id)
+            return channel
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+# --------------------------------------------------------------------------- app
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def create_app(backend: ChatBackend, provider: AttestationProvider, *,
+               max_sessions: int = 1024, session_ttl_s: float = 3600.0) -> FastAPI:
+    app = FastAPI(title="fedprompt Minion enclave", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    store = SessionStore(max_sessions, session_ttl_s)
+    app.state.sessions = store
+    if provider.insecure:
+        logger.warning("enclave server uses INSECURE mock attestation (tests/demos only)")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        logger.info("rejected %s: %s", request.url.path, exc.code)
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Say where and what, never echo the input.
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()[:5])
+        logger.info("rejected %s: invalid request", request.url.path)
+        return _error(422, "invalid_request", reasons or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, "body_too_large", f"request body must be <= {MAX_BODY_BYTES} B")
+        response: Response = await call_next(request)
+        return response
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "suite": SUITE.decode(), "provider": provider.name,
+                "insecure_attestation": provider.insecure}
+
+    @app.post("/v1/attestation")
+    def attestation(req: AttestationRequest) -> dict[str, Any]:
+        nonce = _b64(req.nonce, "nonce", NONCE_BYTES)
+        client_pub = _b64(req.client_public_key, "client_public_key", PUBLIC_KEY_BYTES)
+        try:
+            hs = ServerHandshake.accept(client_pub, nonce)
+        except HandshakeError as exc:
+            raise ApiError(400, "bad_handshake", str(exc)) from exc
+        except ValueError as exc:  # X25519 rejected the point
+            raise ApiError(400, "bad_handshake", "client public key is unusable") from exc
+        try:
+            evidence = provider.generate(hs.binding, nonce)
+        except Exception as exc:
+            logger.error("attestation provider failed: %s", type(exc).__name__)
+            raise ApiError(503, "attestation_unavailable",
+                           f"attestation provider failed ({type(exc).__name__})") from exc
+        store.add(hs.channel)
+        logger.info("session %s attested (%s)", hs.session_id.hex()[:8], provider.name)
+        return {"suite": SUITE.decode(),
+                "session_id": base64.b64encode(hs.session_id).decode("ascii"),
+                "server_public_key": base64.b64encode(hs.server_public_key).decode("ascii"),
+                "evidence": evidence.to_json()}
+
+    def _open_request(req: FrameRequest) -> tuple[SecureChannel, list[dict[str, Any]],
+                                                  dict[str, Any]]:
+        channel = store.get(_b64(req.session_id, "session_id", SESSION_ID_BYTES))
+        if req.kind != FrameKind.MESSAGE:
+            raise ApiError(400, "bad_frame", "requests must be MESSAGE frames")
+        frame = Frame(req.counter, FrameKind.MESSAGE, _b64(req.ciphertext, "ciphertext"))
+        try:
+            plaintext = channel.open(frame)
+        except (ReplayError, OutOfOrderError) as exc:
+            raise ApiError(409, type(exc).__name__, str(exc)) from exc
+        except (DecryptionError, FrameFormatError) as exc:
+            raise ApiError(400, type(exc).__name__, str(exc)) from exc
+        messages, params = parse_chat_payload(plaintext)
+        logger.info("session %s frame %d: %d message(s), %d B",
+                    channel.session_id.hex()[:8], frame.counter, len(messages), len(plaintext))
+        return channel, messages, params
+
+    @app.post("/v1/message")
+    def message(req: FrameRequest) -> dict[str, Any]:
+        channel, messages, params = _open_request(req)
+        try:
+            completion = backend.complete(messages, params)
+        except Exception as exc:
+            logger.error("backend failed: %s", type(exc).__name__)
+            raise ApiError(502, "backend_error", f"backend failed ({type(exc).__name__})") from exc
+        body = json.dumps({"content": completion.text, "done_reason": completion.done_reason,
+                           "usage": completion.usage}).encode()
+        return frame_to_json(channel.seal(body, FrameKind.MESSAGE))
+
+    @app.post("/v1/message/stream")
+    def message_stream(req: FrameRequest) -> StreamingResponse:
+        channel, messages, params = _open_request(req)
+
+        def frames() -> Iterator[bytes]:
+            chunks = 0
+            try:
+                for delta in backend.stream(messages, params):
+                    if not delta:
+                        continue
+                    chunks += 1
+                    payload = json.dumps({"delta": delta}).encode()
+                    yield _line(channel.seal(payload, FrameKind.DATA))
+            except ChannelError:
+                raise
+            except Exception as exc:
+                logger.error("backend stream failed: %s", type(exc).__name__)
+                reason = f"backend failed ({type(exc).__name__})".encode()
+                yield _line(channel.seal(reason, FrameKind.ERROR))
+                return
+            end = json.dumps({"done_reason": "stop", "chunks": chunks}).encode()
+            yield _line(channel.seal(end, FrameKind.END))
+
+        return StreamingResponse(frames(), media_type="application/x-ndjson")
+
+    return app
+
+
+def _line(frame: Frame) -> bytes:
+    return json.dumps(frame_to_json(frame), separators=(",", ":")).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------- command
+
+def load_backend(spec: str, model: str | None = None, api_key: str | None = None,
+                 echo_delay_s: float = 0.0) -> ChatBackend:
+    """``http(s)://...`` (OpenAI-compatible), ``callable:module:attr`` or ``echo``."""
+    if spec.startswith(("http://", "https://")):
+        if not model:
+            raise ConfigError("an OpenAI-compatible backend needs --model")
+        return OpenAICompatibleBackend(spec, model, api_key)
+    if spec.startswith("callable:"):
+        target = spec[len("callable:"):]
+        module_name, _, attr = target.partition(":")
+        if not module_name or not attr:
+            raise ConfigError("callable backend must be 'callable:package.module:function'")
+        fn = getattr(importlib.import_module(module_name), attr)
+        return fn if hasattr(fn, "complete") and hasattr(fn, "stream") else CallableBackend(fn)
+    if spec == "echo":
+        return EchoBackend(echo_delay_s)
+    raise ConfigError(f"unknown backend {spec!r}: use http(s)://URL, callable:mod:attr or echo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedprompt.minion.enclave_server",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--tls-cert", required=True, help="PEM certificate (chain)")
+    p.add_argument("--tls-key", required=True, help="PEM private key")
+    p.add_argument("--backend", required=True,
+                   help="http(s)://URL of a vLLM/SGLang server, callable:module:function, or echo")
+    p.add_argument("--model", default=None, help="model name for an OpenAI-compatible backend")
+    p.add_argument("--api-key-env", default=None,
+                   help="name of an environment variable holding the backend's API key")
+    p.add_argument("--echo-delay-ms", type=float, default=0.0)
+    p.add_argument("--attestation", choices=["nvidia", "insecure-mock"], default="nvidia")
+    p.add_argument("--allow-insecure-mock-attestation", action="store_true",
+                   help="required with --attestation insecure-mock (tests and demos only)")
+    p.add_argument("--max-sessions", type=int, default=1024)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    if args.attestation == "insecure-mock":
+        if not args.allow_insecure_mock_attestation:
+            raise ConfigError("--attestation insecure-mock needs "
+                              "--allow-insecure-mock-attestation (tests and demos only)")
+        provider: AttestationProvider = InsecureMockAttestation()
+    else:
+        provider = NvidiaGpuAttestation()
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    backend = load_backend(args.backend, args.model, api_key, args.echo_delay_ms / 1000)
+    app = create_app(backend, provider, max_sessions=args.max_sessions)
+    logging.basicConfig(level=args.log_level.upper())
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
+                ssl_keyfile=args.tls_key, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

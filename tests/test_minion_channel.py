@@ -1,0 +1,491 @@
+"""Secure Minion channel: real TLS server on loopback, attacks each rejected, endpoint fuzz."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedprompt.minion.attestation import (
+    AttestationEvidence,
+    AttestationVerifier,
+    InsecureAttestationError,
+    InsecureMockAttestation,
+    KeyBindingError,
+    NonceMismatchError,
+    StaleAttestationError,
+    verify_evidence,
+)
+from fedprompt.minion.channel import (
+    ChannelClosedError,
+    ClientHandshake,
+    DecryptionError,
+    Frame,
+    FrameKind,
+    OutOfOrderError,
+    ReplayError,
+    ServerHandshake,
+    StreamProtocolError,
+    TruncatedStreamError,
+    binding_digest,
+    open_stream,
+)
+from fedprompt.minion.secure_client import SecureChatClient, SecureClientError
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "PATIENT-7731 has stage II carcinoma"  # plaintext that must never be logged
+
+STUB_BACKEND = '''
+def reply(messages, params):
+    return ["stub ", "answer ", "to: ", messages[-1]["content"]]
+'''
+
+
+def stub_reply(messages: list[dict[str, Any]], params: dict[str, Any]) -> list[str]:
+    return ["stub ", "answer ", "to: ", messages[-1]["content"]]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, url: str, cert: Path, log: Path) -> None:
+        self.url, self.cert, self.log = url, cert, log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("enclave")
+    cert, key = _self_signed(tmp)
+    (tmp / "stub_backend.py").write_text(STUB_BACKEND)
+    port = _free_port()
+    log = tmp / "server.log"
+    env = {**os.environ, "PYTHONPATH": f"{tmp}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedprompt.minion.enclave_server", "--host", "127.0.0.1",
+             "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
+             "--backend", "callable:stub_backend:reply", "--attestation", "insecure-mock",
+             "--allow-insecure-mock-attestation", "--log-level", "debug"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    url = f"https://127.0.0.1:{port}"
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()}")
+            try:
+                if httpx.get(url + "/v1/health", verify=ctx).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield Server(url, cert, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+Mutator = Callable[[str, bytes], bytes]
+
+
+class Mitm(httpx.BaseTransport):
+    """An active attacker between client and server: rewrites response bodies per path."""
+
+    def __init__(self, cert: Path, mutate: Mutator | None = None) -> None:
+        self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=str(cert)))
+        self.mutate = mutate or (lambda path, body: body)
+        self.paths: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        resp = self.inner.handle_request(request)
+        body = self.mutate(request.url.path, resp.read())
+        headers = {k: v for k, v in resp.headers.items()
+                   if k.lower() not in ("content-length", "transfer-encoding")}
+        return httpx.Response(resp.status_code, headers=headers, content=body, request=request)
+
+
+def _client(server: Server, mutate: Mutator | None = None,
+            verifier: AttestationVerifier | None = None, allow: bool = True
+            ) -> tuple[SecureChatClient, Mitm]:
+    mitm = Mitm(server.cert, mutate)
+    http = httpx.Client(base_url=server.url, transport=mitm)
+    client = SecureChatClient(server.url, verifier or InsecureMockAttestation(),
+                              allow_insecure_mock=allow, http_client=http)
+    return client, mitm
+
+
+def _edit_attestation(edit: Callable[[dict[str, Any]], None]) -> Mutator:
+    def mutate(path: str, body: bytes) -> bytes:
+        if path != "/v1/attestation":
+            return body
+        data = json.loads(body)
+        edit(data)
+        return json.dumps(data).encode()
+    return mutate
+
+
+MESSAGES = [{"role": "user", "content": SECRET}]
+
+
+# --------------------------------------------------------------------------- round trip
+
+def test_round_trip_over_tls_with_real_server(server: Server) -> None:
+    client = SecureChatClient(server.url, InsecureMockAttestation(), allow_insecure_mock=True,
+                              ca_cert=server.cert)
+    reply = client.send(MESSAGES, temperature=0.0)
+    assert reply.content == f"stub answer to: {SECRET}"
+    assert client.chat(MESSAGES)[0] == [f"stub answer to: {SECRET}"]
+    chunks = list(client.stream(MESSAGES))
+    assert chunks == ["stub ", "answer ", "to: ", SECRET]
+    assert client.session is not None and client.session.channel.next_recv_counter == 7
+    client.close()
+    time.sleep(0.2)
+    log = server.log.read_text()
+    assert "/v1/message" in log  # the server does log requests ...
+    assert SECRET not in log and "PATIENT" not in log  # ... never their plaintext
+
+
+def test_client_refuses_plain_http() -> None:
+    with pytest.raises(SecureClientError, match="https"):
+        SecureChatClient("http://127.0.0.1:1", InsecureMockAttestation(),
+                         allow_insecure_mock=True)
+
+
+# --------------------------------------------------------------------------- attacks
+
+def test_tampered_ciphertext_rejected_by_server(server: Server) -> None:
+    client, _ = _client(server)
+    session = client.attest()
+    body = client._request_body(session.channel, MESSAGES, {})
+    ct = bytearray(base64.b64decode(body["ciphertext"]))
+    ct[3] ^= 0x01
+    body["ciphertext"] = base64.b64encode(bytes(ct)).decode()
+    resp = client._http.post("/v1/message", json=body)
+    assert resp.status_code == 400 and resp.json()["error"] == "DecryptionError"
+
+
+def test_tampered_response_rejected_by_client(server: Server) -> None:
+    def flip(path: str, body: bytes) -> bytes:
+        if path != "/v1/message":
+            return body
+        frame = json.loads(body)
+        ct = bytearray(base64.b64decode(frame["ciphertext"]))
+        ct[-1] ^= 0x80
+        frame["ciphertext"] = base64.b64encode(bytes(ct)).decode()
+        return json.dumps(frame).encode()
+
+    client, _ = _client(server, flip)
+    with pytest.raises(DecryptionError):
+        client.send(MESSAGES)
+    assert client.session is None  # fail closed: the next call re-attests
+
+
+def test_replayed_message_rejected(server: Server) -> None:
+    client, _ = _client(server)
+    session = client.attest()
+    body = client._request_body(session.channel, MESSAGES, {})
+    assert client._http.post("/v1/message", json=body).status_code == 200
+    replay = client._http.post("/v1/message", json=body)
+    assert replay.status_code == 409 and replay.json()["error"] == "ReplayError"
+
+
+def test_replayed_response_rejected_by_client(server: Server) -> None:
+    first: dict[str, bytes] = {}
+
+    def replay(path: str, body: bytes) -> bytes:
+        if path == "/v1/message":
+            return first.setdefault("frame", body)
+        return body
+
+    client, _ = _client(server, replay)
+    client.send(MESSAGES)
+    with pytest.raises(ReplayError):
+        client.send(MESSAGES)
+
+
+def _stream_lines(edit: Callable[[list[bytes]], list[bytes]]) -> Mutator:
+    def mutate(path: str, body: bytes) -> bytes:
+        if path != "/v1/message/stream":
+            return body
+        return b"".join(edit(body.splitlines(keepends=True)))
+    return mutate
+
+
+def test_reordered_stream_chunk_rejected(server: Server) -> None:
+    def swap(lines: list[bytes]) -> list[bytes]:
+        lines[1], lines[2] = lines[2], lines[1]
+        return lines
+
+    client, _ = _client(server, _stream_lines(swap))
+    with pytest.raises(OutOfOrderError):
+        list(client.stream(MESSAGES))
+
+
+def test_truncated_stream_rejected(server: Server) -> None:
+    client, _ = _client(server, _stream_lines(lambda lines: lines[:-1]))  # drop END
+    received: list[str] = []
+    with pytest.raises(TruncatedStreamError):
+        received.extend(client.stream(MESSAGES))
+    assert received == ["stub ", "answer ", "to: ", SECRET]
+
+
+def test_forged_end_of_stream_rejected(server: Server) -> None:
+    def forge(lines: list[bytes]) -> list[bytes]:
+        end = json.loads(lines[-1])
+        end["kind"] = int(FrameKind.END)
+        lines[1] = json.dumps({**json.loads(lines[1]), "kind": int(FrameKind.END)}).encode()
+        return lines[:2]
+
+    client, _ = _client(server, _stream_lines(forge))
+    with pytest.raises(DecryptionError):
+        list(client.stream(MESSAGES))
+
+
+def test_wrong_nonce_rejected(server: Server) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["evidence"]["nonce"] = base64.b64encode(os.urandom(32)).decode()
+
+    client, mitm = _client(server, _edit_attestation(edit))
+    with pytest.raises(NonceMismatchError):
+        client.send(MESSAGES)
+    assert mitm.paths == ["/v1/attestation"]  # nothing sent before attestation verified
+
+
+def test_attestation_for_another_key_rejected(server: Server) -> None:
+    attacker = ClientHandshake()  # any X25519 key the attacker holds
+
+    def edit(data: dict[str, Any]) -> None:
+        data["server_public_key"] = base64.b64encode(attacker.public_key).decode()
+
+    client, mitm = _client(server, _edit_attestation(edit))
+    with pytest.raises(KeyBindingError):
+        client.send(MESSAGES)
+    assert mitm.paths == ["/v1/attestation"]
+
+
+def test_stale_attestation_rejected(server: Server) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["evidence"]["timestamp"] -= 3600
+
+    client, mitm = _client(server, _edit_attestation(edit))
+    with pytest.raises(StaleAttestationError):
+        client.send(MESSAGES)
+    assert mitm.paths == ["/v1/attestation"]
+
+
+class StrictVerifier(AttestationVerifier):
+    """Stands in for a real hardware verifier (e.g. NVIDIA) on the client."""
+
+    name = "nvidia-gpu-cc"
+
+    def verify(self, evidence: AttestationEvidence, expected_report_data: bytes) -> None:
+        raise AssertionError("must not be reached for mock evidence")
+
+
+def test_mock_attestation_without_opt_in_rejected(server: Server) -> None:
+    with pytest.raises(InsecureAttestationError):
+        SecureChatClient(server.url, InsecureMockAttestation(), ca_cert=server.cert)
+    client, mitm = _client(server, verifier=StrictVerifier(), allow=False)
+    with pytest.raises(InsecureAttestationError):
+        client.send(MESSAGES)
+    assert mitm.paths == ["/v1/attestation"]
+
+
+# --------------------------------------------------------------------------- channel units
+
+def _pair() -> tuple[Any, Any]:
+    hs = ClientHandshake()
+    server = ServerHandshake.accept(hs.public_key, hs.nonce)
+    assert server.binding == hs.expected_binding(server.session_id, server.server_public_key)
+    return hs.complete(server.session_id, server.server_public_key), server.channel
+
+
+def test_channel_binds_direction_kind_and_session() -> None:
+    client, server = _pair()
+    frame = client.seal(b"hello")
+    reflected = Frame(frame.counter, frame.kind, frame.ciphertext)
+    with pytest.raises(DecryptionError):
+        client.open(reflected)  # a client frame reflected back at the client
+    _client2, server2 = _pair()
+    with pytest.raises(DecryptionError):
+        server2.open(frame)  # another session
+    relabelled = Frame(frame.counter, FrameKind.END, frame.ciphertext)
+    with pytest.raises(DecryptionError):
+        server.open(relabelled)
+    assert server.open(frame) == b"hello"  # failures did not advance the server side
+
+
+def test_client_channel_closes_after_failure() -> None:
+    client, server = _pair()
+    a, b = server.seal(b"a", FrameKind.DATA), server.seal(b"b", FrameKind.DATA)
+    with pytest.raises(OutOfOrderError):
+        client.open(b)
+    with pytest.raises(ChannelClosedError):
+        client.open(a)
+
+
+def test_stream_grammar() -> None:
+    client, server = _pair()
+    frames = [server.seal(b"x", FrameKind.DATA), server.seal(b"{}", FrameKind.END),
+              server.seal(b"late", FrameKind.DATA)]
+    with pytest.raises(StreamProtocolError):
+        list(open_stream(client, frames))
+
+
+def test_verify_evidence_checks_window_and_binding() -> None:
+    mock = InsecureMockAttestation(clock=lambda: 1000.0)
+    nonce, sid, key = os.urandom(32), os.urandom(16), os.urandom(32)
+    binding = binding_digest(sid, key, key, nonce)
+    ev = mock.generate(binding, nonce)
+    ok = verify_evidence(ev, mock, expected_nonce=nonce, expected_report_data=binding,
+                         allow_insecure_mock=True, now=1010.0)
+    assert ok.insecure
+    with pytest.raises(StaleAttestationError):  # from the future beyond the skew
+        verify_evidence(ev, mock, expected_nonce=nonce, expected_report_data=binding,
+                        allow_insecure_mock=True, now=990.0)
+
+
+# --------------------------------------------------------------------------- fuzz
+
+@pytest.fixture(scope="module")
+def app_client() -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from fedprompt.minion.enclave_server import CallableBackend, create_app
+
+    app = create_app(CallableBackend(stub_reply), InsecureMockAttestation())
+    with TestClient(app, raise_server_exceptions=True) as tc:
+        yield tc
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10,
+)
+field_values = st.one_of(
+    json_values, st.binary(max_size=80).map(_b64), st.integers(min_value=-2, max_value=2**65),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=",
+            max_size=60),
+)
+ENDPOINTS = ["/v1/attestation", "/v1/message", "/v1/message/stream"]
+FIELDS = ["nonce", "client_public_key", "session_id", "counter", "kind", "ciphertext"]
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _assert_4xx(resp: httpx.Response) -> None:
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
+    reason = resp.json()
+    assert reason["error"] and reason["detail"]
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(ENDPOINTS), raw=st.binary(max_size=200))
+def test_fuzz_raw_bodies(app_client: Any, endpoint: str, raw: bytes) -> None:
+    resp = app_client.post(endpoint, content=raw, headers={"content-type": "application/json"})
+    _assert_4xx(resp)
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(ENDPOINTS),
+       body=st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=6) | json_values)
+def test_fuzz_json_bodies(app_client: Any, endpoint: str, body: Any) -> None:
+    resp = app_client.post(endpoint, json=body)
+    if resp.status_code == 200:  # only a well-formed attestation request may succeed
+        assert endpoint == "/v1/attestation"
+        return
+    _assert_4xx(resp)
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(ENDPOINTS[1:]), plaintext=st.one_of(
+    st.binary(max_size=100),
+    json_values.map(lambda v: json.dumps({"messages": v, "note": SECRET}).encode()),
+    json_values.map(lambda v: json.dumps({"messages": [{"role": "user", "content": SECRET}],
+                                          "params": v}).encode()),
+    st.lists(json_values, max_size=3).map(lambda v: json.dumps({"messages": v}).encode()),
+), counter_shift=st.sampled_from([0, 0, 0, -1, 1]), flip=st.booleans())
+def test_fuzz_authenticated_session(app_client: Any, caplog: pytest.LogCaptureFixture,
+                                    endpoint: str, plaintext: bytes, counter_shift: int,
+                                    flip: bool) -> None:
+    """Malformed frames and malformed (encrypted) payloads on a live session: 4xx, no leak."""
+    caplog.set_level(logging.DEBUG)
+    client = SecureChatClient("https://testserver", InsecureMockAttestation(),
+                              allow_insecure_mock=True, http_client=app_client)
+    session = client.attest()
+    if counter_shift == -1:
+        client._http.post("/v1/message", json=client._request_body(session.channel, MESSAGES, {}))
+    frame = session.channel.seal(plaintext + SECRET.encode() * flip)
+    ct = bytearray(frame.ciphertext)
+    if flip:
+        ct[0] ^= 1
+    body = {"session_id": _b64(session.session_id),
+            "counter": max(0, frame.counter + counter_shift), "kind": 1,
+            "ciphertext": _b64(bytes(ct))}
+    resp = app_client.post(endpoint, json=body)
+    if resp.status_code == 200:  # the fuzzer found a valid request: fine, but not leaked
+        assert SECRET not in caplog.text
+        return
+    _assert_4xx(resp)
+    assert SECRET not in resp.text and SECRET not in caplog.text
