@@ -37,6 +37,8 @@ from fedprompt.minion.attestation import (
     verify_evidence,
 )
 from fedprompt.minion.channel import (
+    FRAME_HEADER,
+    RECORD_LENGTH,
     ChannelClosedError,
     ClientHandshake,
     DecryptionError,
@@ -48,6 +50,7 @@ from fedprompt.minion.channel import (
     StreamProtocolError,
     TruncatedStreamError,
     binding_digest,
+    encode_frame,
     open_stream,
 )
 from fedprompt.minion.secure_client import SecureChatClient, SecureClientError
@@ -210,11 +213,9 @@ def test_client_refuses_plain_http() -> None:
 def test_tampered_ciphertext_rejected_by_server(server: Server) -> None:
     client, _ = _client(server)
     session = client.attest()
-    body = client._request_body(session.channel, MESSAGES, {})
-    ct = bytearray(base64.b64decode(body["ciphertext"]))
-    ct[3] ^= 0x01
-    body["ciphertext"] = base64.b64encode(bytes(ct)).decode()
-    resp = client._http.post("/v1/message", json=body)
+    body = bytearray(client._request_body(session.channel, MESSAGES, {}))
+    body[FRAME_HEADER.size + 3] ^= 0x01
+    resp = client._http.post("/v1/message", content=bytes(body))
     assert resp.status_code == 400 and resp.json()["error"] == "DecryptionError"
 
 
@@ -222,11 +223,7 @@ def test_tampered_response_rejected_by_client(server: Server) -> None:
     def flip(path: str, body: bytes) -> bytes:
         if path != "/v1/message":
             return body
-        frame = json.loads(body)
-        ct = bytearray(base64.b64decode(frame["ciphertext"]))
-        ct[-1] ^= 0x80
-        frame["ciphertext"] = base64.b64encode(bytes(ct)).decode()
-        return json.dumps(frame).encode()
+        return body[:-1] + bytes([body[-1] ^ 0x80])
 
     client, _ = _client(server, flip)
     with pytest.raises(DecryptionError):
@@ -238,8 +235,8 @@ def test_replayed_message_rejected(server: Server) -> None:
     client, _ = _client(server)
     session = client.attest()
     body = client._request_body(session.channel, MESSAGES, {})
-    assert client._http.post("/v1/message", json=body).status_code == 200
-    replay = client._http.post("/v1/message", json=body)
+    assert client._http.post("/v1/message", content=body).status_code == 200
+    replay = client._http.post("/v1/message", content=body)
     assert replay.status_code == 409 and replay.json()["error"] == "ReplayError"
 
 
@@ -258,10 +255,16 @@ def test_replayed_response_rejected_by_client(server: Server) -> None:
 
 
 def _stream_lines(edit: Callable[[list[bytes]], list[bytes]]) -> Mutator:
+    """Rewrite the stream's length-prefixed records (one list entry per record)."""
     def mutate(path: str, body: bytes) -> bytes:
         if path != "/v1/message/stream":
             return body
-        return b"".join(edit(body.splitlines(keepends=True)))
+        records, rest = [], body
+        while rest:
+            (n,) = RECORD_LENGTH.unpack_from(rest)
+            records.append(rest[:RECORD_LENGTH.size + n])
+            rest = rest[RECORD_LENGTH.size + n:]
+        return b"".join(edit(records))
     return mutate
 
 
@@ -283,12 +286,19 @@ def test_truncated_stream_rejected(server: Server) -> None:
     assert received == ["stub ", "answer ", "to: ", SECRET]
 
 
+def test_truncated_stream_inside_a_record_rejected(server: Server) -> None:
+    client, _ = _client(server, _stream_lines(lambda recs: [*recs[:-1], recs[-1][:-5]]))
+    with pytest.raises(TruncatedStreamError):
+        list(client.stream(MESSAGES))
+
+
 def test_forged_end_of_stream_rejected(server: Server) -> None:
-    def forge(lines: list[bytes]) -> list[bytes]:
-        end = json.loads(lines[-1])
-        end["kind"] = int(FrameKind.END)
-        lines[1] = json.dumps({**json.loads(lines[1]), "kind": int(FrameKind.END)}).encode()
-        return lines[:2]
+    kind_at = RECORD_LENGTH.size + FRAME_HEADER.size - 1
+
+    def forge(records: list[bytes]) -> list[bytes]:
+        relabelled = bytearray(records[1])  # a DATA frame relabelled as END
+        relabelled[kind_at] = int(FrameKind.END)
+        return [records[0], bytes(relabelled)]
 
     client, _ = _client(server, _stream_lines(forge))
     with pytest.raises(DecryptionError):
@@ -432,6 +442,9 @@ ENDPOINTS = ["/v1/attestation", "/v1/message", "/v1/message/stream"]
 FIELDS = ["nonce", "client_public_key", "session_id", "counter", "kind", "ciphertext"]
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+frame_headers = st.builds(
+    lambda sid, counter, kind: FRAME_HEADER.pack(sid, counter, kind),
+    st.binary(min_size=16, max_size=16), st.integers(0, 2**64 - 1), st.integers(0, 255))
 
 
 def _assert_4xx(resp: httpx.Response) -> None:
@@ -441,9 +454,11 @@ def _assert_4xx(resp: httpx.Response) -> None:
 
 
 @FUZZ
-@given(endpoint=st.sampled_from(ENDPOINTS), raw=st.binary(max_size=200))
-def test_fuzz_raw_bodies(app_client: Any, endpoint: str, raw: bytes) -> None:
-    resp = app_client.post(endpoint, content=raw, headers={"content-type": "application/json"})
+@given(endpoint=st.sampled_from(ENDPOINTS), raw=st.binary(max_size=200)
+       | st.tuples(frame_headers, st.binary(max_size=64)).map(lambda t: t[0] + t[1]),
+       content_type=st.sampled_from(["application/json", "application/octet-stream", ""]))
+def test_fuzz_raw_bodies(app_client: Any, endpoint: str, raw: bytes, content_type: str) -> None:
+    resp = app_client.post(endpoint, content=raw, headers={"content-type": content_type})
     _assert_4xx(resp)
 
 
@@ -451,7 +466,7 @@ def test_fuzz_raw_bodies(app_client: Any, endpoint: str, raw: bytes) -> None:
 @given(endpoint=st.sampled_from(ENDPOINTS),
        body=st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=6) | json_values)
 def test_fuzz_json_bodies(app_client: Any, endpoint: str, body: Any) -> None:
-    resp = app_client.post(endpoint, json=body)
+    resp = app_client.post(endpoint, json=body)  # JSON is wrong for the frame endpoints
     if resp.status_code == 200:  # only a well-formed attestation request may succeed
         assert endpoint == "/v1/attestation"
         return
@@ -475,17 +490,40 @@ def test_fuzz_authenticated_session(app_client: Any, caplog: pytest.LogCaptureFi
                               allow_insecure_mock=True, http_client=app_client)
     session = client.attest()
     if counter_shift == -1:
-        client._http.post("/v1/message", json=client._request_body(session.channel, MESSAGES, {}))
+        client._http.post("/v1/message",
+                          content=client._request_body(session.channel, MESSAGES, {}))
     frame = session.channel.seal(plaintext + SECRET.encode() * flip)
     ct = bytearray(frame.ciphertext)
     if flip:
         ct[0] ^= 1
-    body = {"session_id": _b64(session.session_id),
-            "counter": max(0, frame.counter + counter_shift), "kind": 1,
-            "ciphertext": _b64(bytes(ct))}
-    resp = app_client.post(endpoint, json=body)
+    forged = Frame(max(0, frame.counter + counter_shift), FrameKind.MESSAGE, bytes(ct))
+    resp = app_client.post(endpoint, content=encode_frame(session.session_id, forged))
     if resp.status_code == 200:  # the fuzzer found a valid request: fine, but not leaked
         assert SECRET not in caplog.text
         return
     _assert_4xx(resp)
     assert SECRET not in resp.text and SECRET not in caplog.text
+
+
+# --------------------------------------------------------------------------- configuration
+
+def test_nvidia_provider_without_sdk_raises_dependency_error() -> None:
+    from fedprompt.errors import DependencyError
+    from fedprompt.minion.attestation import NvidiaGpuAttestation
+
+    try:
+        import nv_attestation_sdk  # noqa: F401
+    except ImportError:
+        with pytest.raises(DependencyError, match="nv-attestation-sdk"):
+            NvidiaGpuAttestation(policy={})
+    else:
+        pytest.skip("nv_attestation_sdk is installed here")
+
+
+def test_server_command_refuses_mock_attestation_without_flag() -> None:
+    from fedprompt.errors import ConfigError
+    from fedprompt.minion.enclave_server import main
+
+    with pytest.raises(ConfigError, match="allow-insecure-mock-attestation"):
+        main(["--tls-cert", "c.pem", "--tls-key", "k.pem", "--backend", "echo",
+              "--attestation", "insecure-mock"])

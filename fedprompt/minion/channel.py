@@ -78,6 +78,10 @@ class StreamProtocolError(ChannelError):
     """A frame arrived where the stream grammar does not allow it (e.g. after END)."""
 
 
+class RemoteError(ChannelError):
+    """The peer reported a failure in an authenticated ERROR frame."""
+
+
 class ChannelClosedError(ChannelError):
     """The channel was closed after a failure, or its counter space is exhausted."""
 
@@ -333,6 +337,62 @@ class ServerHandshake:
         )
 
 
+FRAME_HEADER = struct.Struct(">16sQB")  # session id, counter, kind
+RECORD_LENGTH = struct.Struct(">I")  # length prefix of a frame inside a stream
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+def encode_frame(session_id: bytes, frame: Frame) -> bytes:
+    """Wire form of one frame: ``session_id(16) || counter(8, BE) || kind(1) || ciphertext``."""
+    return FRAME_HEADER.pack(session_id, frame.counter, int(frame.kind)) + frame.ciphertext
+
+
+def decode_frame(data: bytes) -> tuple[bytes, Frame]:
+    """Parse :func:`encode_frame`'s output; raise :class:`FrameFormatError` when malformed."""
+    if len(data) < FRAME_HEADER.size + TAG_BYTES:
+        raise FrameFormatError(
+            f"frame of {len(data)} B is shorter than header + tag "
+            f"({FRAME_HEADER.size + TAG_BYTES} B)")
+    session_id, counter, kind = FRAME_HEADER.unpack_from(data)
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError as exc:
+        raise FrameFormatError(f"unknown frame kind {kind}") from exc
+    return session_id, Frame(counter, frame_kind, bytes(data[FRAME_HEADER.size:]))
+
+
+def encode_record(session_id: bytes, frame: Frame) -> bytes:
+    """One length-prefixed frame of a stream."""
+    body = encode_frame(session_id, frame)
+    return RECORD_LENGTH.pack(len(body)) + body
+
+
+class RecordSplitter:
+    """Split a byte stream into length-prefixed frames, whatever the chunking."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, Frame]]:
+        self._buffer += data
+        out: list[tuple[bytes, Frame]] = []
+        while len(self._buffer) >= RECORD_LENGTH.size:
+            (length,) = RECORD_LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES:
+                raise FrameFormatError(f"stream record of {length} B exceeds the limit")
+            end = RECORD_LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            out.append(decode_frame(bytes(self._buffer[RECORD_LENGTH.size:end])))
+            del self._buffer[:end]
+        return out
+
+    def finish(self) -> None:
+        if self._buffer:
+            raise TruncatedStreamError(
+                f"stream ended inside a record ({len(self._buffer)} B left over)")
+
+
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
@@ -387,7 +447,3 @@ class StreamReader:
                 f"stream ended after {self.frames} frame(s) without its authenticated "
                 "end-of-stream frame (truncated)")
         return self.end_payload
-
-
-class RemoteError(ChannelError):
-    """The peer reported a failure in an authenticated ERROR frame."""

@@ -5,9 +5,11 @@ Endpoints (all JSON; binary fields base64):
 * ``POST /v1/attestation``  ``{nonce, client_public_key}`` -> ``{suite, session_id,
   server_public_key, evidence}``. A fresh X25519 key pair and session per call; the
   evidence binds the session transcript (see :mod:`fedprompt.minion.channel`).
-* ``POST /v1/message``  ``{session_id, counter, kind, ciphertext}`` -> one sealed frame.
-* ``POST /v1/message/stream``  same request -> NDJSON, one sealed ``DATA`` frame per delta,
-  then an authenticated ``END`` frame (or an authenticated ``ERROR`` frame).
+* ``POST /v1/message``  one binary frame (``session_id || counter || kind || ciphertext``,
+  see :func:`~fedprompt.minion.channel.encode_frame`) -> one sealed frame. Binary, not
+  JSON + base64: at 8k tokens the framing would cost more than the cipher.
+* ``POST /v1/message/stream``  same request -> length-prefixed frames, one sealed ``DATA``
+  frame per delta, then an authenticated ``END`` frame (or an authenticated ``ERROR``).
 * ``GET /v1/health``.
 
 The decrypted request ``{"messages": [{role, content}, ...], "params": {...}}`` goes to a
@@ -32,12 +34,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedprompt.errors import ConfigError, FedPromptError
@@ -49,11 +53,9 @@ from fedprompt.minion.attestation import (
 from fedprompt.minion.channel import (
     NONCE_BYTES,
     PUBLIC_KEY_BYTES,
-    SESSION_ID_BYTES,
     SUITE,
     ChannelError,
     DecryptionError,
-    Frame,
     FrameFormatError,
     FrameKind,
     HandshakeError,
@@ -61,12 +63,17 @@ from fedprompt.minion.channel import (
     ReplayError,
     SecureChannel,
     ServerHandshake,
+    decode_frame,
+    encode_frame,
+    encode_record,
 )
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 48 * 1024 * 1024
-MAX_CIPHERTEXT_B64 = 44 * 1024 * 1024
+MAX_ATTESTATION_BODY_BYTES = 4096
+FRAME_MEDIA_TYPE = "application/vnd.fedprompt.minion-frame"
+FRAME_STREAM_MEDIA_TYPE = "application/vnd.fedprompt.minion-frames"
 MAX_MESSAGES = 4096
 ALLOWED_PARAMS = {"temperature", "max_tokens", "top_p", "stop", "response_format", "seed"}
 ROLES = {"system", "user", "assistant", "tool"}
@@ -176,21 +183,10 @@ class OpenAICompatibleBackend:
 
 # --------------------------------------------------------------------------- wire models
 
-B64Str = Annotated[StrictStr, Field(max_length=MAX_CIPHERTEXT_B64)]
-
-
 class AttestationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     nonce: Annotated[StrictStr, Field(max_length=64)]
     client_public_key: Annotated[StrictStr, Field(max_length=64)]
-
-
-class FrameRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    session_id: Annotated[StrictStr, Field(max_length=64)]
-    counter: Annotated[StrictInt, Field(ge=0, lt=2**64 - 1)]
-    kind: StrictInt
-    ciphertext: B64Str
 
 
 class ApiError(Exception):
@@ -209,11 +205,6 @@ def _b64(value: str, name: str, length: int | None = None) -> bytes:
     if length is not None and len(raw) != length:
         raise ApiError(400, "bad_length", f"{name} must decode to {length} bytes")
     return raw
-
-
-def frame_to_json(frame: Frame) -> dict[str, Any]:
-    return {"counter": frame.counter, "kind": int(frame.kind),
-            "ciphertext": base64.b64encode(frame.ciphertext).decode("ascii")}
 
 
 def parse_chat_payload(plaintext: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -272,6 +263,20 @@ class SessionStore:
 
 # --------------------------------------------------------------------------- app
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before buffering it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, "body_too_large", f"request body must be <= {limit} B")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"request body must be <= {limit} B")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
@@ -303,21 +308,21 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "http_error", str(exc.detail))
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "body_too_large", f"request body must be <= {MAX_BODY_BYTES} B")
-        response: Response = await call_next(request)
-        return response
-
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "suite": SUITE.decode(), "provider": provider.name,
                 "insecure_attestation": provider.insecure}
 
     @app.post("/v1/attestation")
-    def attestation(req: AttestationRequest) -> dict[str, Any]:
+    async def attestation(request: Request) -> JSONResponse:
+        raw = await _read_body(request, MAX_ATTESTATION_BODY_BYTES)
+        try:
+            req = AttestationRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        return JSONResponse(await run_in_threadpool(_attest, req))
+
+    def _attest(req: AttestationRequest) -> dict[str, Any]:
         nonce = _b64(req.nonce, "nonce", NONCE_BYTES)
         client_pub = _b64(req.client_public_key, "client_public_key", PUBLIC_KEY_BYTES)
         try:
@@ -339,12 +344,15 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
                 "server_public_key": base64.b64encode(hs.server_public_key).decode("ascii"),
                 "evidence": evidence.to_json()}
 
-    def _open_request(req: FrameRequest) -> tuple[SecureChannel, list[dict[str, Any]],
-                                                  dict[str, Any]]:
-        channel = store.get(_b64(req.session_id, "session_id", SESSION_ID_BYTES))
-        if req.kind != FrameKind.MESSAGE:
+    def _open_request(body: bytes) -> tuple[SecureChannel, list[dict[str, Any]],
+                                            dict[str, Any]]:
+        try:
+            session_id, frame = decode_frame(body)
+        except FrameFormatError as exc:
+            raise ApiError(400, "FrameFormatError", str(exc)) from exc
+        channel = store.get(session_id)
+        if frame.kind is not FrameKind.MESSAGE:
             raise ApiError(400, "bad_frame", "requests must be MESSAGE frames")
-        frame = Frame(req.counter, FrameKind.MESSAGE, _b64(req.ciphertext, "ciphertext"))
         try:
             plaintext = channel.open(frame)
         except (ReplayError, OutOfOrderError) as exc:
@@ -356,23 +364,31 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
                     channel.session_id.hex()[:8], frame.counter, len(messages), len(plaintext))
         return channel, messages, params
 
-    @app.post("/v1/message")
-    def message(req: FrameRequest) -> dict[str, Any]:
-        channel, messages, params = _open_request(req)
+    def _complete(body: bytes) -> bytes:
+        channel, messages, params = _open_request(body)
         try:
             completion = backend.complete(messages, params)
         except Exception as exc:
             logger.error("backend failed: %s", type(exc).__name__)
             raise ApiError(502, "backend_error", f"backend failed ({type(exc).__name__})") from exc
-        body = json.dumps({"content": completion.text, "done_reason": completion.done_reason,
-                           "usage": completion.usage}).encode()
-        return frame_to_json(channel.seal(body, FrameKind.MESSAGE))
+        reply = json.dumps({"content": completion.text, "done_reason": completion.done_reason,
+                            "usage": completion.usage}).encode()
+        return encode_frame(channel.session_id, channel.seal(reply, FrameKind.MESSAGE))
+
+    @app.post("/v1/message")
+    async def message(request: Request) -> Response:
+        """Body and answer: one binary frame (:func:`~fedprompt.minion.channel.encode_frame`)."""
+        body = await _read_body(request, MAX_BODY_BYTES)
+        return Response(await run_in_threadpool(_complete, body), media_type=FRAME_MEDIA_TYPE)
 
     @app.post("/v1/message/stream")
-    def message_stream(req: FrameRequest) -> StreamingResponse:
-        channel, messages, params = _open_request(req)
+    async def message_stream(request: Request) -> StreamingResponse:
+        """Body: one binary frame. Answer: length-prefixed frames, DATA* then END or ERROR."""
+        body = await _read_body(request, MAX_BODY_BYTES)
+        channel, messages, params = await run_in_threadpool(_open_request, body)
+        sid = channel.session_id
 
-        def frames() -> Iterator[bytes]:
+        def records() -> Iterator[bytes]:
             chunks = 0
             try:
                 for delta in backend.stream(messages, params):
@@ -380,27 +396,60 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
                         continue
                     chunks += 1
                     payload = json.dumps({"delta": delta}).encode()
-                    yield _line(channel.seal(payload, FrameKind.DATA))
+                    yield encode_record(sid, channel.seal(payload, FrameKind.DATA))
             except ChannelError:
                 raise
             except Exception as exc:
                 logger.error("backend stream failed: %s", type(exc).__name__)
                 reason = f"backend failed ({type(exc).__name__})".encode()
-                yield _line(channel.seal(reason, FrameKind.ERROR))
+                yield encode_record(sid, channel.seal(reason, FrameKind.ERROR))
                 return
             end = json.dumps({"done_reason": "stop", "chunks": chunks}).encode()
-            yield _line(channel.seal(end, FrameKind.END))
+            yield encode_record(sid, channel.seal(end, FrameKind.END))
 
-        return StreamingResponse(frames(), media_type="application/x-ndjson")
+        return StreamingResponse(records(), media_type=FRAME_STREAM_MEDIA_TYPE)
 
     return app
 
 
-def _line(frame: Frame) -> bytes:
-    return json.dumps(frame_to_json(frame), separators=(",", ":")).encode() + b"\n"
-
-
 # --------------------------------------------------------------------------- command
+
+def write_self_signed_cert(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+                           days: int = 7) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate and key (PEM) for loopback demos and benchmarks."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
 
 def load_backend(spec: str, model: str | None = None, api_key: str | None = None,
                  echo_delay_s: float = 0.0) -> ChatBackend:

@@ -34,12 +34,17 @@ from fedprompt.minion.channel import (
     SUITE,
     ChannelError,
     ClientHandshake,
-    Frame,
+    DecryptionError,
     FrameKind,
+    RecordSplitter,
     SecureChannel,
     StreamProtocolError,
     StreamReader,
+    decode_frame,
+    encode_frame,
 )
+
+_BINARY = {"content-type": "application/vnd.fedprompt.minion-frame"}
 
 
 class SecureClientError(FedPromptError):
@@ -73,17 +78,6 @@ def _b64d(value: Any, name: str) -> bytes:
         return base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise SecureClientError(f"server response field {name!r} is not valid base64") from exc
-
-
-def _frame_from_json(data: Any) -> Frame:
-    if not isinstance(data, dict):
-        raise SecureClientError("server frame must be a JSON object")
-    counter, kind = data.get("counter"), data.get("kind")
-    if not isinstance(counter, int) or isinstance(counter, bool):
-        raise SecureClientError("server frame counter must be an integer")
-    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in set(FrameKind):
-        raise SecureClientError(f"server frame kind {kind!r} is unknown")
-    return Frame(counter, FrameKind(kind), _b64d(data.get("ciphertext"), "ciphertext"))
 
 
 class SecureChatClient:
@@ -168,12 +162,14 @@ class SecureChatClient:
 
     # -- chat ---------------------------------------------------------------
     def _request_body(self, channel: SecureChannel, messages: list[dict[str, Any]],
-                      params: dict[str, Any]) -> dict[str, Any]:
+                      params: dict[str, Any]) -> bytes:
         plaintext = json.dumps({"messages": messages, "params": params}).encode()
-        frame = channel.seal(plaintext, FrameKind.MESSAGE)
-        return {"session_id": base64.b64encode(channel.session_id).decode("ascii"),
-                "counter": frame.counter, "kind": int(frame.kind),
-                "ciphertext": base64.b64encode(frame.ciphertext).decode("ascii")}
+        return encode_frame(channel.session_id, channel.seal(plaintext, FrameKind.MESSAGE))
+
+    @staticmethod
+    def _check_session(channel: SecureChannel, session_id: bytes) -> None:
+        if session_id != channel.session_id:
+            raise DecryptionError("frame carries another session id")
 
     def send(self, messages: list[dict[str, Any]], **params: Any) -> SecureReply:
         """One encrypted request, one encrypted response."""
@@ -181,7 +177,8 @@ class SecureChatClient:
         channel = session.channel
         try:
             resp = self._post("/v1/message", self._request_body(channel, messages, params))
-            frame = _frame_from_json(self._json(resp))
+            session_id, frame = decode_frame(resp.content)
+            self._check_session(channel, session_id)
             if frame.kind is not FrameKind.MESSAGE:
                 raise StreamProtocolError(f"expected a MESSAGE frame, got {frame.kind.name}")
             payload = json.loads(channel.open(frame))
@@ -198,23 +195,22 @@ class SecureChatClient:
         body = self._request_body(channel, messages, params)
         reader = StreamReader(channel)
         try:
-            with self._http.stream("POST", "/v1/message/stream", json=body) as resp:
+            with self._http.stream("POST", "/v1/message/stream", content=body,
+                                   headers=_BINARY) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     self._raise_http(resp)
-                for line in resp.iter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        frame = _frame_from_json(json.loads(line))
-                    except ValueError as exc:
-                        raise SecureClientError("stream line is not JSON") from exc
-                    chunk = reader.feed(frame)
-                    if chunk is not None:
-                        delta = json.loads(chunk).get("delta")
-                        if not isinstance(delta, str):
-                            raise StreamProtocolError("DATA frame lacks a string delta")
-                        yield delta
+                splitter = RecordSplitter()
+                for data in resp.iter_bytes():
+                    for session_id, frame in splitter.feed(data):
+                        self._check_session(channel, session_id)
+                        chunk = reader.feed(frame)
+                        if chunk is not None:
+                            delta = json.loads(chunk).get("delta")
+                            if not isinstance(delta, str):
+                                raise StreamProtocolError("DATA frame lacks a string delta")
+                            yield delta
+                splitter.finish()
             reader.finish()
         except (ChannelError, SecureClientError, ValueError, httpx.HTTPError) as exc:
             channel.close(f"{type(exc).__name__}")
@@ -232,8 +228,11 @@ class SecureChatClient:
         self._http.close()
 
     # -- http ---------------------------------------------------------------
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        resp = self._http.post(path, json=body)
+    def _post(self, path: str, body: dict[str, Any] | bytes) -> httpx.Response:
+        if isinstance(body, bytes):
+            resp = self._http.post(path, content=body, headers=_BINARY)
+        else:
+            resp = self._http.post(path, json=body)
         if resp.status_code != 200:
             self._raise_http(resp)
         return resp
