@@ -206,3 +206,33 @@ def test_parse_json_reply_and_protocol_errors(worker: PromptedLocalClient) -> No
         Minion(worker, NoAnswer())(TASK, DOCUMENT, is_privacy=True)
     with pytest.raises(UsageError):
         Usage.coerce({"prompt_tokens": -1})
+
+
+# ------------------------------------------------------------- through the enclave
+def test_minion_through_secure_enclave_server(worker: PromptedLocalClient) -> None:
+    from fedprompt.minion.attestation import InsecureMockAttestation
+    from fedprompt.minion.loopback import LoopbackEnclave
+    from fedprompt.minion.secure_client import SecureChatClient
+
+    with LoopbackEnclave("callable:fedprompt.minion.scripted:supervisor") as enclave:
+        remote = SecureChatClient(enclave.url, InsecureMockAttestation(),
+                                  allow_insecure_mock=True, ca_cert=enclave.cert)
+        try:
+            result = Minion(worker, remote, max_rounds=3)(TASK, [DOCUMENT])
+        finally:
+            remote.close()
+        log = enclave.log.read_text()
+    worker_answers = [m["content"] for m in result.worker_messages if m["role"] == "assistant"]
+    assert len(worker_answers) == 2 and result.rounds == 2
+    assert result.final_answer == f"According to the local worker: {worker_answers[-1]}" or (
+        not worker_answers[-1] and "found nothing" in result.final_answer)
+    assert result.supervisor_messages[1]["content"].count(TASK) == 1
+    sent = _sent_text_messages(result.supervisor_messages)
+    assert DOCUMENT not in sent and "Ana Silva" not in sent
+    assert DOCUMENT not in log and TASK not in log
+    assert result.timing["remote_usage_estimated"] and result.remote_usage.total_tokens > 0
+    assert remote.session is None or remote.session.attestation is not None
+
+
+def _sent_text_messages(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(str(m["content"]) for m in messages)
