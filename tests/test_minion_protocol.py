@@ -236,3 +236,32 @@ def test_minion_through_secure_enclave_server(worker: PromptedLocalClient) -> No
 
 def _sent_text_messages(messages: list[dict[str, Any]]) -> str:
     return "\n".join(str(m["content"]) for m in messages)
+
+
+def test_clip_perception_adds_text_facts(worker: PromptedLocalClient, image_path: Path,
+                                         tmp_path: Path) -> None:
+    from fedprompt.backbones import CLIPBackbone
+    from fedprompt.minion.perception import ClipPerception, PerceptionError
+    from fedprompt.prompts import CoOpPrompt
+
+    clip = CLIPBackbone.from_preset("clip-tiny", weights_seed=0)
+    names = ["red", "green", "blue"]
+    folder = export_prompt(tmp_path / "clip", CoOpPrompt(4, clip.ctx_dim, 3), clip,
+                           classnames=names)
+    perception = ClipPerception.from_folder(folder, clip, top_k=3, min_probability=0.0)
+    image = Image.open(image_path)
+    probs = perception.probabilities([image, image])
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+    facts = perception([image])
+    assert len(facts) == 1 and facts[0].startswith("image 1: ")
+    assert sum(name in facts[0] for name in names) == 3
+    seeing = PromptedLocalClient(worker.backbone, worker.prompt, max_new_tokens=2,
+                                 perception=perception)
+    msg = [{"role": "user", "content": "what color?", "images": [str(image_path)]}]
+    _, with_facts, _ = seeing.chat(msg)
+    _, without, _ = PromptedLocalClient(worker.backbone, worker.prompt,
+                                        max_new_tokens=2).chat(msg)
+    assert with_facts.prompt_tokens > without.prompt_tokens
+    bare = export_prompt(tmp_path / "bare", CoOpPrompt(4, clip.ctx_dim, 3), clip)
+    with pytest.raises(PerceptionError, match="class names"):
+        ClipPerception.from_folder(bare, clip)
