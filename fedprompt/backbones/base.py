@@ -27,7 +27,17 @@ from torch import Tensor, nn
 
 from fedprompt.errors import BackboneError, PromptError
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def precision_autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """``torch.autocast`` to bf16/fp16 on ``device``, or nothing for fp32."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=PRECISIONS[precision]):
+        yield
 
 
 @dataclass
@@ -89,8 +99,8 @@ class VisionLanguageBackbone(nn.Module, ABC):
     def __init__(self, precision: str = "fp32", text_chunk_size: int = 128,
                  gradient_checkpointing: bool = False) -> None:
         super().__init__()
-        if precision not in _PRECISIONS:
-            raise BackboneError(f"unknown precision {precision!r}: use one of {list(_PRECISIONS)}")
+        if precision not in PRECISIONS:
+            raise BackboneError(f"unknown precision {precision!r}: use one of {list(PRECISIONS)}")
         self.precision = precision
         self.text_chunk_size = text_chunk_size
         self.gradient_checkpointing = gradient_checkpointing
@@ -100,14 +110,9 @@ class VisionLanguageBackbone(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Mixed precision for the frozen encoders when configured (bf16/fp16)."""
-        if self.precision == "fp32":
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=_PRECISIONS[self.precision]):
-            yield
+        return precision_autocast(self.device, self.precision)
 
     def freeze(self) -> None:
         self.eval()

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from fedprompt.backbones.base import PRECISIONS, precision_autocast
 from fedprompt.backbones.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -47,8 +48,6 @@ from fedprompt.backbones.tokenizer import (
     offline_clip_tokenizer,
 )
 from fedprompt.errors import BackboneError, PromptError
-
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Offline presets (random weights): vision tower (CLIP) and language model (Llama) sizes.
 PRESETS: dict[str, dict[str, int]] = {
@@ -122,8 +121,8 @@ class LlavaBackbone(nn.Module):
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any,
                  image_processor: Any, source: str, precision: str = "fp32") -> None:
         super().__init__()
-        if precision not in _PRECISIONS:
-            raise BackboneError(f"unknown precision {precision!r}: use one of {list(_PRECISIONS)}")
+        if precision not in PRECISIONS:
+            raise BackboneError(f"unknown precision {precision!r}: use one of {list(PRECISIONS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -186,7 +185,7 @@ class LlavaBackbone(nn.Module):
         kwargs: dict[str, Any] = {}
         if device_map:
             kwargs["device_map"] = device_map
-            kwargs["dtype"] = _PRECISIONS[precision]
+            kwargs["dtype"] = PRECISIONS[precision]
         try:
             model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
             processor = AutoProcessor.from_pretrained(source)
@@ -215,14 +214,9 @@ class LlavaBackbone(nn.Module):
     def train(self, mode: bool = True) -> LlavaBackbone:
         return super().train(False)  # frozen: always eval (no dropout)
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bf16/fp16 autocast of the frozen model when configured."""
-        if self.precision == "fp32":
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=_PRECISIONS[self.precision]):
-            yield
+        return precision_autocast(self.device, self.precision)
 
     def identity(self) -> dict[str, Any]:
         """What identifies this model (exported prompts record it and check it on load)."""

@@ -21,7 +21,7 @@ analysis assumes; the batch size varies and may be zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,16 +91,13 @@ class DPLocalTrainer(LocalTrainer):
     def noise_multiplier(self) -> float:
         return float(self.dp_optimizer.noise_multiplier)
 
-    def train_step(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
-        self.learner.train()
-        self.learner.prepare_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.dp_optimizer.zero_grad(set_to_none=True)
-        result = per_sample_gradients(self.classifier, features, labels, self.private,
-                                      self.public, self.chunk)
-        for param, grads in zip(self.private, result.per_sample, strict=True):
+    def apply_gradients(self, per_sample: Sequence[Tensor], public: Sequence[Tensor]) -> None:
+        """One DP-SGD update from per-sample gradients of the privatized tensors and plain
+        gradients of the others: Opacus clips, sums, noises and accounts, then the learner
+        finalizes its gradients (DP-FPL: Eq. 4) and the optimizer and schedule step."""
+        for param, grads in zip(self.private, per_sample, strict=True):
             param.grad_sample = grads
-        for param, grad in zip(self.public, result.public, strict=True):
+        for param, grad in zip(self.public, public, strict=True):
             param.grad = grad
         self.dp_optimizer.pre_step()  # clip, sum, noise, scale; accountant.step
         for param in self.private:
@@ -110,6 +107,15 @@ class DPLocalTrainer(LocalTrainer):
         self.optimizer.step()
         self.scheduler.step()
         self.steps_taken += 1
+
+    def train_step(self, features: Tensor, labels: Tensor) -> tuple[float, int]:
+        self.learner.train()
+        self.learner.prepare_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dp_optimizer.zero_grad(set_to_none=True)
+        result = per_sample_gradients(self.classifier, features, labels, self.private,
+                                      self.public, self.chunk)
+        self.apply_gradients(result.per_sample, result.public)
         if len(labels) == 0:
             return 0.0, 0
         return result.loss * len(labels), result.correct

@@ -82,16 +82,5 @@ class DPGenerativeTrainer(DPLocalTrainer):
             losses = correct = torch.zeros(0)
         per_sample, public = chain_to_parameters(ctx, grads.to(ctx.dtype), self.private,
                                                  self.public)
-        for param, grad in zip(self.private, per_sample, strict=True):
-            param.grad_sample = grad
-        for param, grad in zip(self.public, public, strict=True):
-            param.grad = grad
-        self.dp_optimizer.pre_step()  # clip, sum, noise, scale; accountant.step
-        for param in self.private:
-            param.grad_sample = None
-            param.summed_grad = None
-        self.learner.finalize_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.steps_taken += 1
+        self.apply_gradients(per_sample, public)
         return float(losses.sum()), int(correct.sum())
