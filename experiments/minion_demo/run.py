@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fedprompt.backbones import CLIPBackbone
 from fedprompt.backbones.llava import LlavaBackbone
 from fedprompt.config import TrainConfig
 from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
@@ -33,6 +34,7 @@ from fedprompt.data.vqa import classification_qa
 from fedprompt.minion.attestation import InsecureMockAttestation
 from fedprompt.minion.local_worker import PromptedLocalClient, render
 from fedprompt.minion.loopback import LoopbackEnclave
+from fedprompt.minion.perception import ClipPerception
 from fedprompt.minion.protocol import Minion
 from fedprompt.minion.secure_client import SecureChatClient
 from fedprompt.prompts import CoOpPrompt
@@ -40,6 +42,8 @@ from fedprompt.prompts.portable import export_prompt
 from fedprompt.tasks.config import TaskConfig
 from fedprompt.tasks.generative import GenerativePromptModel, encode_qa
 from fedprompt.training.generative import GenerativeTrainer
+from fedprompt.training.model import PromptedClassifier
+from fedprompt.training.trainer import LocalTrainer
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 QUESTION = "what color is the square?"
@@ -89,6 +93,28 @@ def train_and_export(backbone: LlavaBackbone, out: Path, steps: int, lr: float) 
     return folder
 
 
+def train_clip_perception(clip: CLIPBackbone, out: Path, steps: int) -> Path:
+    """A CoOp prompt on the offline ``clip-tiny`` classifying the squares' colours."""
+    pixels, labels = squares(48, seed=1)
+    names = list(COLORS)
+    images = [Image.fromarray(p) for p in pixels]
+    with torch.no_grad():
+        features = clip.encode_images(clip.preprocess(images))
+    y = torch.as_tensor(labels)
+    learner = CoOpPrompt(4, clip.ctx_dim, len(names), generator=torch.Generator().manual_seed(0))
+    classifier = PromptedClassifier(clip, learner, names)
+    trainer = LocalTrainer(classifier, TrainConfig(optimizer="adamw", lr=0.05,
+                                                   scheduler="constant"), steps)
+    for _ in range(steps):
+        trainer.train_step(features[:36], y[:36])
+    with torch.no_grad():
+        accuracy = float((classifier(features[36:]).argmax(-1) == y[36:]).float().mean())
+    print(f"[train] CLIP perception prompt (CoOp n_ctx=4, clip-tiny), {steps} steps: "
+          f"held-out accuracy {accuracy:.2f}")
+    return export_prompt(out / "clip_prompt", learner, clip, classnames=names,
+                         data_description="synthetic coloured squares, 36 images")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)
@@ -102,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         backbone = LlavaBackbone.from_preset("llava-tiny", weights_seed=0)
         folder = train_and_export(backbone, out, args.steps, args.lr)
-        worker = PromptedLocalClient.from_folder(folder, backbone, max_new_tokens=8)
+        clip = CLIPBackbone.from_preset("clip-tiny", weights_seed=0)
+        perception = ClipPerception.from_folder(train_clip_perception(clip, out, args.steps),
+                                                clip)
+        worker = PromptedLocalClient.from_folder(folder, backbone, max_new_tokens=8,
+                                                 perception=perception)
         print(f"[worker] loaded {worker.model_name} from the portable prompt")
 
         pixels, _ = squares(3, seed=7)  # label 0: red
@@ -110,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         Image.fromarray(pixels[0]).save(image_path)
         doc_path = out / "report.txt"
         doc_path.write_text(DOCUMENT)
+        print(f"[perception] {perception([Image.open(image_path)])} (truth: red)")
         direct, _, _ = worker.chat([{"role": "user", "content": QUESTION,
                                      "images": [str(image_path)]}])
         print(f"[worker] direct answer on the local image (truth: red): {direct[0]!r}")
