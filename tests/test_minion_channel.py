@@ -53,6 +53,7 @@ from fedprompt.minion.channel import (
     encode_frame,
     open_stream,
 )
+from fedprompt.minion.loopback import terminate
 from fedprompt.minion.secure_client import SecureChatClient, SecureClientError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,12 +134,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 time.sleep(0.1)
         yield Server(url, cert, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 Mutator = Callable[[str, bytes], bytes]

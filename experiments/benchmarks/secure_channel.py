@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 from fastapi import Request
 
+from fedprompt.minion.loopback import terminate
+
 
 def _reply_text(tokens: int) -> str:
     return ("word " * tokens)[: tokens * 4]
@@ -192,12 +194,7 @@ def main() -> None:
                       f"{row['overhead_share']:>8.2%} {row['crypto_share']:>8.3%}")
             client.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
     print(f"attestation + key exchange per session: "
           f"{results['attestation_and_key_exchange_ms']:.2f} ms (mock attestation)")
     print(json.dumps(results))

@@ -25,6 +25,17 @@ from fedprompt.errors import FedPromptError
 from fedprompt.minion.enclave_server import write_self_signed_cert
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 class LoopbackEnclaveError(FedPromptError):
     """The enclave server process did not come up."""
 
@@ -92,13 +103,8 @@ class LoopbackEnclave:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            terminate(proc)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
