@@ -105,7 +105,8 @@ class SupervisorReplyError(MinionProtocolError):
     """The remote supervisor's reply is not the JSON object the protocol asks for."""
 
 
-def _excerpt(text: str, n: int = 200) -> str:
+def excerpt(text: str, n: int = 200) -> str:
+    """A short ``repr`` of a reply for error messages."""
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
@@ -141,14 +142,14 @@ def parse_json_reply(text: str) -> dict[str, Any]:
             continue
         if isinstance(value, dict):
             return value
-    raise SupervisorReplyError(f"the supervisor's reply holds no JSON object: {_excerpt(text)}")
+    raise SupervisorReplyError(f"the supervisor's reply holds no JSON object: {excerpt(text)}")
 
 
 def _field(reply: dict[str, Any], key: str, raw: str) -> str:
     value = reply.get(key)
     if not isinstance(value, str) or not value.strip():
         raise SupervisorReplyError(f"the supervisor's JSON lacks a non-empty string {key!r}: "
-                                   f"{_excerpt(raw)}")
+                                   f"{excerpt(raw)}")
     return value
 
 
@@ -187,12 +188,97 @@ class MinionResult:
         return out
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
+def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
+
+
+def require_chat(client: Any, name: str) -> None:
+    """Raise unless ``client`` has a callable ``chat``."""
+    if client is None or not callable(getattr(client, "chat", None)):
+        raise MinionProtocolError(f"{name} must have a chat(messages) method")
+
+
+class CallLedger:
+    """Calls the clients and accounts for them: ``timing`` and local/remote ``Usage``.
+
+    Remote usage that a client does not report is estimated (``chars/4 + 3`` per message,
+    ``chars/4`` for the reply, as minions' ``SecureClient``) and flagged in ``timing``.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timing: dict[str, Any] = {"local_call_time": 0.0, "remote_call_time": 0.0,
+                                       "remote_usage_estimated": False}
+        self.remote_usage = Usage()
+        self.local_usage = Usage()
+
+    def remote(self, client: Any, messages: list[Message], **kwargs: Any) -> str:
+        """The first text of ``client.chat(messages, **kwargs)``."""
+        t0 = time.perf_counter()
+        out = client.chat(messages, **kwargs)
+        self.timing["remote_call_time"] += time.perf_counter() - t0
+        if not isinstance(out, tuple) or len(out) < 2:
+            raise MinionProtocolError("remote_client.chat must return (responses, usage, ...)")
+        texts, raw_usage = out[0], out[1]
+        if not isinstance(texts, list) or not texts or not isinstance(texts[0], str):
+            raise MinionProtocolError("remote_client.chat returned no text response")
+        reported = Usage.coerce(raw_usage)
+        if reported.total_tokens == 0:
+            self.timing["remote_usage_estimated"] = True
+            chars = sum(len(str(m.get("content", ""))) for m in messages)
+            reported = Usage(completion_tokens=len(texts[0]) // 4,
+                             prompt_tokens=chars // 4 + 3 * len(messages))
+        self.remote_usage = self.remote_usage + reported
+        return texts[0]
+
+    def local(self, client: Any, messages: list[Message], **kwargs: Any) -> list[str]:
+        """The texts of ``client.chat(messages, **kwargs)`` (done reasons: ``local_full``)."""
+        return self.local_full(client, messages, **kwargs)[0]
+
+    def local_full(self, client: Any, messages: Sequence[Any], **kwargs: Any
+                   ) -> tuple[list[str], list[str] | None]:
+        """``(texts, done_reasons or None)`` of ``client.chat(messages, **kwargs)``."""
+        t0 = time.perf_counter()
+        out = client.chat(messages, **kwargs)
+        self.timing["local_call_time"] += time.perf_counter() - t0
+        if not isinstance(out, tuple) or len(out) < 2:
+            raise MinionProtocolError(
+                "local_client.chat must return (responses, usage, done_reasons)")
+        texts = out[0]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise MinionProtocolError("local_client.chat must return a list of text responses")
+        self.local_usage = self.local_usage + Usage.coerce(out[1])
+        reasons = out[2] if len(out) > 2 else None
+        if reasons is not None and (not isinstance(reasons, list) or len(reasons) != len(texts)):
+            raise MinionProtocolError("local_client.chat returned done_reasons that do not "
+                                      "match its responses one to one")
+        return texts, reasons
+
+    def finish(self) -> dict[str, Any]:
+        """The timing dict with ``total_time`` and ``overhead_time`` filled in."""
+        total = time.perf_counter() - self.start
+        self.timing["total_time"] = total
+        self.timing["overhead_time"] = (total - self.timing["local_call_time"]
+                                        - self.timing["remote_call_time"])
+        return self.timing
+
+
+def write_log(log_dir: Path | None, logging_id: str | None, default_name: str,
+              log: Mapping[str, Any]) -> str | None:
+    """The log holds the private context: it is written only where ``log_dir`` says."""
+    if log_dir is None:
+        return None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", logging_id or default_name)
+    path = log_dir / f"{stamp}_{name}.json"
+    path.write_text(json.dumps(log, indent=2, default=str) + "\n")
+    return str(path)
 
 
 def _strip_images(messages: Sequence[Message]) -> list[Message]:
@@ -210,10 +296,8 @@ class Minion:
     def __init__(self, local_client: Any = None, remote_client: Any = None, max_rounds: int = 3,
                  callback: Callback | None = None, log_dir: str | Path | None = None, *,
                  json_mode: bool = True, **kwargs: Any) -> None:
-        if local_client is None or not callable(getattr(local_client, "chat", None)):
-            raise MinionProtocolError("local_client must have a chat(messages) method")
-        if remote_client is None or not callable(getattr(remote_client, "chat", None)):
-            raise MinionProtocolError("remote_client must have a chat(messages) method")
+        require_chat(local_client, "local_client")
+        require_chat(remote_client, "remote_client")
         if max_rounds < 1:
             raise MinionProtocolError("max_rounds must be at least 1")
         if kwargs.get("mcp_client") is not None:
@@ -223,44 +307,20 @@ class Minion:
         self.max_rounds = max_rounds
         self.callback = callback
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.json_mode = json_mode and _accepts(remote_client.chat, "response_format")
+        self.json_mode = json_mode and accepts_kwarg(remote_client.chat, "response_format")
 
     # ----------------------------------------------------------- client calls
-    def _remote(self, messages: list[Message], json_reply: bool, timing: dict[str, Any],
-                usage: list[Usage]) -> str:
+    def _remote(self, messages: list[Message], json_reply: bool, ledger: CallLedger) -> str:
         kwargs: dict[str, Any] = {}
         if json_reply and self.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
-        t0 = time.perf_counter()
-        out = self.remote_client.chat(messages, **kwargs)
-        timing["remote_call_time"] += time.perf_counter() - t0
-        if not isinstance(out, tuple) or len(out) < 2:
-            raise MinionProtocolError("remote_client.chat must return (responses, usage, ...)")
-        texts, raw_usage = out[0], out[1]
-        if not isinstance(texts, list) or not texts or not isinstance(texts[0], str):
-            raise MinionProtocolError("remote_client.chat returned no text response")
-        reported = Usage.coerce(raw_usage)
-        if reported.total_tokens == 0:
-            timing["remote_usage_estimated"] = True
-            chars = sum(len(str(m.get("content", ""))) for m in messages)
-            reported = Usage(completion_tokens=len(texts[0]) // 4,
-                             prompt_tokens=chars // 4 + 3 * len(messages))
-        usage[0] = usage[0] + reported
-        return texts[0]
+        return ledger.remote(self.remote_client, messages, **kwargs)
 
-    def _local(self, messages: list[Message], timing: dict[str, Any],
-               usage: list[Usage]) -> str:
-        t0 = time.perf_counter()
-        out = self.local_client.chat(messages)
-        timing["local_call_time"] += time.perf_counter() - t0
-        if not isinstance(out, tuple) or len(out) < 2:
-            raise MinionProtocolError(
-                "local_client.chat must return (responses, usage, done_reasons)")
-        texts = out[0]
-        if not isinstance(texts, list) or len(texts) != 1 or not isinstance(texts[0], str):
+    def _local(self, messages: list[Message], ledger: CallLedger) -> str:
+        texts = ledger.local(self.local_client, messages)
+        if len(texts) != 1:
             raise MinionProtocolError("local_client.chat must return exactly one text response "
                                       "for one conversation")
-        usage[0] = usage[0] + Usage.coerce(out[1])
         return texts[0]
 
     def _notify(self, role: str, message: Any, is_final: bool = False) -> None:
@@ -285,10 +345,7 @@ class Minion:
         rounds = self.max_rounds if max_rounds is None else max_rounds
         if rounds < 1:
             raise MinionProtocolError("max_rounds must be at least 1")
-        start = time.perf_counter()
-        timing: dict[str, Any] = {"local_call_time": 0.0, "remote_call_time": 0.0,
-                                  "remote_usage_estimated": False}
-        remote_usage, local_usage = [Usage()], [Usage()]
+        ledger = CallLedger()
 
         metadata = f"Metadata about the context: {doc_metadata}\n" if doc_metadata else ""
         supervisor: list[Message] = [{"role": "user", "content": SUPERVISOR_INITIAL_PROMPT.format(
@@ -299,7 +356,7 @@ class Minion:
             system["images"] = list(images)
         worker: list[Message] = [system]
 
-        raw = self._remote(supervisor, True, timing, remote_usage)
+        raw = self._remote(supervisor, True, ledger)
         supervisor.append({"role": "assistant", "content": raw})
         first = parse_json_reply(raw)
         question = _field(first, "message", raw)
@@ -311,7 +368,7 @@ class Minion:
         for round_idx in range(rounds):
             done_rounds = round_idx + 1
             self._notify("worker", None)
-            answer = self._local(worker, timing, local_usage)
+            answer = self._local(worker, ledger)
             worker.append({"role": "assistant", "content": answer})
             self._notify("worker", {"role": "assistant", "content": answer})
             last = round_idx == rounds - 1
@@ -321,10 +378,10 @@ class Minion:
             else:
                 supervisor.append({"role": "user",
                                    "content": REMOTE_SYNTHESIS_COT.format(response=answer)})
-                thoughts = self._remote(supervisor, False, timing, remote_usage)
+                thoughts = self._remote(supervisor, False, ledger)
                 supervisor.append({"role": "assistant", "content": thoughts})
                 supervisor.append({"role": "user", "content": REMOTE_SYNTHESIS_FINAL})
-            raw = self._remote(supervisor, True, timing, remote_usage)
+            raw = self._remote(supervisor, True, ledger)
             supervisor.append({"role": "assistant", "content": raw})
             reply = parse_json_reply(raw)
             decision = reply.get("decision")
@@ -338,31 +395,19 @@ class Minion:
             if decision != "request_additional_info":
                 raise SupervisorReplyError(
                     "the supervisor's decision must be 'provide_final_answer' or "
-                    f"'request_additional_info', got {decision!r}: {_excerpt(raw)}")
+                    f"'request_additional_info', got {decision!r}: {excerpt(raw)}")
             self._notify("supervisor", reply)
             worker.append({"role": "user", "content": _field(reply, "message", raw)})
 
-        total = time.perf_counter() - start
-        timing["total_time"] = total
-        timing["overhead_time"] = total - timing["local_call_time"] - timing["remote_call_time"]
+        timing = ledger.finish()
         conversation_log = {
             "task": task, "doc_metadata": doc_metadata, "images": len(images or []),
             "conversation": {"supervisor": supervisor, "worker": _strip_images(worker)},
             "generated_final_answer": final_answer,
-            "usage": {"remote": remote_usage[0].to_dict(), "local": local_usage[0].to_dict()},
+            "usage": {"remote": ledger.remote_usage.to_dict(),
+                      "local": ledger.local_usage.to_dict()},
             "timing": timing,
         }
-        log_file = self._write_log(logging_id, conversation_log)
-        return MinionResult(final_answer, supervisor, worker, remote_usage[0], local_usage[0],
-                            timing, conversation_log, log_file, done_rounds)
-
-    def _write_log(self, logging_id: str | None, log: Mapping[str, Any]) -> str | None:
-        """The log holds the private context: it is written only where ``log_dir`` says."""
-        if self.log_dir is None:
-            return None
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", logging_id or "minion")
-        path = self.log_dir / f"{stamp}_{name}.json"
-        path.write_text(json.dumps(log, indent=2, default=str) + "\n")
-        return str(path)
+        log_file = write_log(self.log_dir, logging_id, "minion", conversation_log)
+        return MinionResult(final_answer, supervisor, worker, ledger.remote_usage,
+                            ledger.local_usage, timing, conversation_log, log_file, done_rounds)
