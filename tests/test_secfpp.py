@@ -275,6 +275,37 @@ def test_cluster_wise_dp_noise_and_ledgers(tmp_path: Path) -> None:
         ledgers["server"]["epsilon"])
 
 
+def test_noisy_centroids_are_accounted_in_their_own_ledger(tmp_path: Path) -> None:
+    """With clustering.centroid_noise > 0 every clustering that opens noisy centroids is a
+    Gaussian release of the cluster sums: its epsilon grows in a ledger of its own."""
+    backend = PlaintextClustering(ClusteringSettings(dim=16, k_max=2,
+                                                     centroid_noise_multiplier=2.0))
+    config = _config(tmp_path, "federation.rounds=3", "clustering.reduce='update'",
+                     "clustering.centroid_noise=2.0")
+    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run", backend=backend)
+    records = [r["server"]["clustering"] for r in _metrics(out)["rounds"]]
+    eps = [r["centroid_epsilon"] for r in records]
+    assert all(e is not None and e > 0 for e in eps) and eps == sorted(eps)
+    assert len(set(eps)) == 3
+    ledgers = {lg["party"]: lg for lg in
+               json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
+    centroids = ledgers["clustering-centroids"]
+    assert [e["epsilon"] for e in centroids["entries"]] == pytest.approx(eps)
+    assert all(e["noise_multiplier"] == 2.0 for e in centroids["entries"])
+    assert "without noise" in centroids["entries"][0]["mechanism"]
+
+
+def test_no_centroid_ledger_without_centroid_noise(tmp_path: Path) -> None:
+    config = _config(tmp_path, "clustering.reduce='update'")
+    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
+                      backend=PlaintextClustering(ClusteringSettings(dim=16, k_max=2)))
+    parties = {lg["party"] for lg in
+               json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
+    assert "clustering-centroids" not in parties
+    assert all(r["server"]["clustering"]["centroid_epsilon"] is None
+               for r in _metrics(out)["rounds"])
+
+
 def _two_domain_folders(root: Path) -> list[Path]:
     """Small ImageFolder copies (symlinks) of cifar10-mini and flowers12: 8 train and 4
     test images per class, so the feature encoding stays quick."""

@@ -143,6 +143,9 @@ class ClusteredServer(FederatedServer):
         # signatures (fixed per client) only a round with a node not yet among them clusters
         self.clustered: set[int] = set()
         self.clustering_now = False
+        # DP-noised centroids (clustering.centroid_noise > 0): one Gaussian release of the
+        # k cluster sums of unit vectors per clustering, accounted here
+        self.centroid_accountant = Accountant(config.privacy.accountant)
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, server_round: int, node_ids: Sequence[int]) -> None:
@@ -287,12 +290,28 @@ class ClusteredServer(FederatedServer):
                 self.pending = self.assignment | matched
                 self.clustered |= set(labels)
                 record |= {"k": result.k, "stats": dict(result.stats),
-                           "assigned": self._by_client(matched)}
+                           "assigned": self._by_client(matched),
+                           "centroid_epsilon": self._account_centroids(result)}
                 log.info("round %d: %s clustering (%s) found k=%d in %.2f s", server_round,
                          backend_name, "secure" if record["secure"] else "INSECURE plaintext",
                          result.k, record["seconds"])
         record["excluded"] = excluded
         return record
+
+
+    def _account_centroids(self, result: ClusteringResult) -> float | None:
+        """Epsilon of the centroid releases so far, or None when none was released.
+
+        Adding or removing one client changes the k cluster sums of unit vectors by at most
+        ``centroid_clip = 1`` in L2 (the assignment given), and the sums carry Gaussian
+        noise of std at least ``centroid_noise`` x 1; clients submit when sampled, at rate
+        ``fraction_train``. This bounds the centroids only: k and the assignments are
+        released without noise."""
+        noise = self.config.clustering.centroid_noise
+        if result.centroids is None or noise <= 0:
+            return None
+        self.centroid_accountant.step(noise, self.sample_rate)
+        return self.centroid_accountant.epsilon(self.config.privacy.delta)
 
 
 def _clone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

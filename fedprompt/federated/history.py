@@ -71,6 +71,7 @@ class FederatedHistory:
         self.client_ledgers: dict[int, PrivacyLedger] = {}
         self.server_ledger = PrivacyLedger("server", config.privacy.delta)
         self.cluster_ledgers: dict[int, PrivacyLedger] = {}
+        self.centroid_ledger = PrivacyLedger("clustering-centroids", config.privacy.delta)
         #: known domain of every client (multi-domain data), for the adjusted Rand index
         self.domains = client_domains(config.data, num_clients) if config.data.domains else None
 
@@ -134,6 +135,20 @@ class FederatedHistory:
                 accountant=privacy.accountant, epsilon=float(cinfo["epsilon"]),
                 delta=privacy.delta, round=server_round,
                 nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
+            ))
+        centroid_epsilon = (info.get("clustering") or {}).get("centroid_epsilon")
+        if centroid_epsilon is not None:
+            self.centroid_ledger.record(LedgerEntry(
+                party="clustering-centroids",
+                mechanism="Gaussian noise on the k cluster sums of the clients' unit-norm "
+                "reduced prompts (added by the compute parties before opening); bounds the "
+                "centroids only: k and the assignments are released without noise",
+                tensors=["reduced domain prompt"],
+                noise_multiplier=self.config.clustering.centroid_noise, clipping_norm=1.0,
+                sample_rate=self.config.federation.fraction_train,
+                steps=len(self.centroid_ledger.entries) + 1,
+                accountant=privacy.accountant, epsilon=float(centroid_epsilon),
+                delta=privacy.delta, round=server_round,
             ))
         if "assignments_next" in info:
             info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
@@ -254,6 +269,7 @@ class FederatedHistory:
             writer.writerows(rows)
         ledgers = ([self.server_ledger]
                    + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
+                   + ([self.centroid_ledger] if self.centroid_ledger.private else [])
                    + [self.client_ledgers[c] for c in sorted(self.client_ledgers)])
         PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")
         plot_rounds(data, out / "accuracy.png")
