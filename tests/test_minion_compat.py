@@ -9,18 +9,27 @@ initial + k, a plain {"eos": true}) behind an httpx.MockTransport, with knobs fo
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime as dt
 import hashlib
+import ipaddress
 import json
 import os
+import ssl
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from fedprompt.minion import compat
 from fedprompt.minion.compat import (
@@ -83,6 +92,7 @@ class ReferenceServer:
         self.flip_ciphertext = False
         self.stream_mode = "ok"  # ok | truncate | reorder | after_eos
         self.fail_message = False
+        self.tls_pubkey_hash = "not-checked-over-mock-transport"
 
     @property
     def attestor_pem(self) -> str:
@@ -103,7 +113,7 @@ class ReferenceServer:
             "snp_attestation_token": _jwt({"x-ms-attestation-type": "sevsnpvm",
                                            "x-ms-sevsnpvm-launchmeasurement": "abc123"}),
             "gpu_eat_hash": _b64(hashlib.sha256(gpu_eat.encode()).digest()),
-            "tls_pubkey_hash": "not-checked-over-mock-transport",
+            "tls_pubkey_hash": self.tls_pubkey_hash,
             "nonce": self.report_nonce_override or _b64(nonce),
             "timestamp": time.time() + self.timestamp_offset,
         }
@@ -382,3 +392,84 @@ def test_malformed_payloads_raise() -> None:
                 {**good, "nonce": 6}, "not a dict"):
         with pytest.raises(CompatError):
             decrypt_and_verify(bad, aes, key.public_key())
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path, spki_hash_b64(key.public_key())
+
+
+@contextlib.contextmanager
+def tls_server(server: ReferenceServer, cert: Path, key: Path) -> Iterator[str]:
+    """Serve ``server.handle`` over real TLS on loopback (stdlib HTTP server, one thread)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            request = httpx.Request(self.command, f"https://127.0.0.1{self.path}",
+                                    content=self.rfile.read(length))
+            response = server.handle(request)
+            self.send_response(response.status_code)
+            self.send_header("content-type", response.headers.get("content-type", ""))
+            self.send_header("content-length", str(len(response.content)))
+            self.end_headers()
+            self.wfile.write(response.content)
+
+        do_GET = do_POST = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def test_real_tls_pin_checked_on_the_traffic_connection(server: ReferenceServer,
+                                                        tmp_path: Path) -> None:
+    cert, key, spki = _self_signed(tmp_path)
+    server.tls_pubkey_hash = spki
+    with tls_server(server, cert, key) as url:
+        client = quiet(lambda: SecureMinionsCompatClient(
+            url, server.attestor_pem, ca_cert=cert, allow_unverified_tee_tokens=True,
+            timeout_s=10))
+        assert client.check_tls_pin
+        assert quiet(lambda: client.chat([{"role": "user", "content": "tls"}]))[0] == [
+            "echo: tls"]
+        assert "".join(quiet(lambda: list(client.stream([{"role": "user", "content": "s"}])))
+                       ) == "echo: s "
+        client.close()
+        # a genuine report naming another TLS key (e.g. a proxy terminating TLS) is refused
+        server.tls_pubkey_hash = _b64(b"\x00" * 32)
+        other = quiet(lambda: SecureMinionsCompatClient(
+            url, server.attestor_pem, ca_cert=cert, allow_unverified_tee_tokens=True,
+            timeout_s=10))
+        with pytest.raises(CompatAttestationError, match="tls_pubkey_hash"):
+            quiet(other.attest)
+        other.close()

@@ -306,15 +306,29 @@ def _read_pem(value: str | bytes | Path) -> bytes:
     return value.encode("ascii")
 
 
+_TLS_HASH_EXTENSION = "fedprompt.tls_spki_sha256"
+
+
+def _record_peer_spki(resp: httpx.Response) -> None:
+    """httpx response hook: read the peer certificate while the connection is still open
+    (a server that closes after the body would otherwise leave nothing to check)."""
+    seen = peer_spki_hash_b64(resp)
+    if seen is not None:
+        resp.extensions[_TLS_HASH_EXTENSION] = seen
+
+
 def peer_spki_hash_b64(resp: httpx.Response) -> str | None:
     """Base64 SHA-256 of the SPKI of the TLS certificate on the connection of ``resp``."""
+    recorded = resp.extensions.get(_TLS_HASH_EXTENSION)
+    if isinstance(recorded, str):
+        return recorded
     stream = resp.extensions.get("network_stream")
     if stream is None:
         return None
     ssl_object = stream.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
+    der = ssl_object.getpeercert(True)  # ssl.SSLObject or the low-level _SSLSocket
     if not der:
         return None
     return spki_hash_b64(x509.load_der_x509_certificate(der).public_key())
@@ -372,6 +386,9 @@ class SecureMinionsCompatClient:
         if http_client is None:
             tls = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
             http_client = httpx.Client(base_url=endpoint_url, verify=tls, timeout=timeout_s)
+        if self.check_tls_pin:
+            http_client.event_hooks["response"] = [*http_client.event_hooks["response"],
+                                                   _record_peer_spki]
         self._http = http_client
         self._session: CompatSession | None = None
         self._seen_nonces: set[bytes] = set()
