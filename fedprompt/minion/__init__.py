@@ -11,6 +11,7 @@ protocol, with an attested, end-to-end encrypted channel to a remote (enclave) m
   local-client interface, MinionS per-job semantics); ``perception``: CLIP facts from
   local images; ``usage``: a minions-compatible ``Usage``;
 * ``protocol``: ``Minion`` with the published constructor and call signature;
+  ``minions_runner``: ``MinionS`` (JSON job plans instead of executed supervisor code);
 * ``scripted``, ``loopback``: a rule-based supervisor and a loopback enclave for demos/tests.
 
 Submodules are imported explicitly (``fedprompt.minion.channel`` etc.) so that the
