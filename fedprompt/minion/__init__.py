@@ -12,6 +12,8 @@ protocol, with an attested, end-to-end encrypted channel to a remote (enclave) m
   local images; ``usage``: a minions-compatible ``Usage``;
 * ``protocol``: ``Minion`` with the published constructor and call signature;
   ``minions_runner``: ``MinionS`` (JSON job plans instead of executed supervisor code);
+* ``compat``: ``SecureMinionsCompatClient`` for existing Secure Minions servers (their
+  published wire protocol; warns once with that protocol's weaknesses);
 * ``scripted``, ``loopback``: a rule-based supervisor and a loopback enclave for demos/tests.
 
 Submodules are imported explicitly (``fedprompt.minion.channel`` etc.) so that the
