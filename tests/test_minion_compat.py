@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
 import hashlib
-import ipaddress
 import json
 import os
 import ssl
@@ -26,10 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fedprompt.minion import compat
 from fedprompt.minion.compat import (
@@ -50,6 +46,7 @@ from fedprompt.minion.compat import (
     pem_public_key,
     spki_hash_b64,
 )
+from fedprompt.minion.enclave_server import write_self_signed_cert
 from fedprompt.minion.usage import Usage
 
 SECRET = "PATIENT-7731 has stage II carcinoma"
@@ -395,25 +392,10 @@ def test_malformed_payloads_raise() -> None:
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return cert_path, key_path, spki_hash_b64(key.public_key())
+    """The loopback certificate of fedprompt's demos, and the SPKI hash of its key."""
+    cert, key = write_self_signed_cert(directory)
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    return cert, key, spki_hash_b64(private.public_key())
 
 
 @contextlib.contextmanager
