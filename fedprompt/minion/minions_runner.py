@@ -67,6 +67,7 @@ from fedprompt.minion.protocol import (
     MinionResult,
     SupervisorReplyError,
     accepts_kwarg,
+    check_task_and_context,
     excerpt,
     parse_json_reply,
     require_chat,
@@ -436,11 +437,7 @@ class MinionS:
             raise MinionProtocolError("retrieval (use_retrieval) is not implemented")
         if kwargs.get("mcp_tools_info") is not None:
             raise MinionProtocolError("MCP tools are not supported by this implementation")
-        if not isinstance(task, str) or not task.strip():
-            raise MinionProtocolError("task must be a non-empty string")
-        docs = [context] if isinstance(context, str) else list(context)
-        if not all(isinstance(d, str) for d in docs):
-            raise MinionProtocolError("context must be a string or a list of strings")
+        docs = check_task_and_context(task, context)
         rounds = self.max_rounds if max_rounds is None else max_rounds
         max_jobs = self.max_jobs_per_round if max_jobs_per_round is None else max_jobs_per_round
         if rounds < 1 or max_jobs < 1 or num_tasks_per_round < 1 or num_samples_per_task < 1:

@@ -197,6 +197,16 @@ def accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
     return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
 
 
+def check_task_and_context(task: Any, context: list[str] | str) -> list[str]:
+    """The context as a list of documents, after checking the task and the context."""
+    if not isinstance(task, str) or not task.strip():
+        raise MinionProtocolError("task must be a non-empty string")
+    docs = [context] if isinstance(context, str) else list(context)
+    if not all(isinstance(d, str) for d in docs):
+        raise MinionProtocolError("context must be a string or a list of strings")
+    return docs
+
+
 def require_chat(client: Any, name: str) -> None:
     """Raise unless ``client`` has a callable ``chat``."""
     if client is None or not callable(getattr(client, "chat", None)):
@@ -337,11 +347,7 @@ class Minion:
                                       "the context never leaves the local side either way")
         if is_follow_up:
             raise MinionProtocolError("multi-turn follow-ups are not implemented")
-        if not isinstance(task, str) or not task.strip():
-            raise MinionProtocolError("task must be a non-empty string")
-        docs = [context] if isinstance(context, str) else list(context)
-        if not all(isinstance(d, str) for d in docs):
-            raise MinionProtocolError("context must be a string or a list of strings")
+        docs = check_task_and_context(task, context)
         rounds = self.max_rounds if max_rounds is None else max_rounds
         if rounds < 1:
             raise MinionProtocolError("max_rounds must be at least 1")
