@@ -14,6 +14,7 @@ from PIL import Image
 from fedprompt.backbones.llava import IMAGE_TOKEN_ID, LlavaBackbone, is_llava_source
 from fedprompt.config import RunConfig, TrainConfig
 from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
+from fedprompt.data.synthetic import COLORS, coloured_squares
 from fedprompt.data.vqa import classification_qa, jsonl_qa
 from fedprompt.errors import DataError, PromptError
 from fedprompt.privacy.accounting import Accountant
@@ -24,28 +25,15 @@ from fedprompt.tasks.config import TaskConfig
 from fedprompt.tasks.generative import GenerativePromptModel, encode_qa
 from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
 
 @pytest.fixture(scope="module")
 def llava() -> LlavaBackbone:
     return LlavaBackbone.from_preset("llava-tiny", weights_seed=0)
 
 
-def _color_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(COLORS)
-    pixels = np.zeros((n, 32, 32, 3), np.uint8)
-    for i, y in enumerate(labels):
-        pixels[i] = rng.integers(0, 40, (32, 32, 3))
-        x0, y0 = rng.integers(0, 16, 2)
-        pixels[i, y0 : y0 + 16, x0 : x0 + 16] = list(COLORS.values())[y]
-    return pixels, labels
-
-
 @pytest.fixture(scope="module")
 def color_qa():
-    pixels, labels = _color_images(24)
+    pixels, labels = coloured_squares(24)
     names = list(COLORS)
     train = ImageSet("colors/train", ArrayImages(pixels[:18]), labels[:18], names)
     test = ImageSet("colors/test", ArrayImages(pixels[18:]), labels[18:], names)
@@ -235,7 +223,7 @@ def test_bf16_autocast_runs_on_cpu(color_qa):
 
 # ------------------------------------------------------------------ JSONL data
 def _write_vqa(root: Path, n: int = 12) -> Path:
-    pixels, labels = _color_images(n, seed=5)
+    pixels, labels = coloured_squares(n, seed=5)
     (root / "images").mkdir(parents=True)
     lines = []
     for i, (px, y) in enumerate(zip(pixels, labels, strict=True)):

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,6 +29,7 @@ from fedprompt.backbones import CLIPBackbone
 from fedprompt.backbones.llava import LlavaBackbone
 from fedprompt.config import TrainConfig
 from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
+from fedprompt.data.synthetic import COLORS, coloured_squares
 from fedprompt.data.vqa import classification_qa
 from fedprompt.minion.attestation import InsecureMockAttestation
 from fedprompt.minion.local_worker import PromptedLocalClient, render
@@ -45,7 +45,6 @@ from fedprompt.training.generative import GenerativeTrainer
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import LocalTrainer
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 QUESTION = "what color is the square?"
 DOCUMENT = ("Field report 17 (confidential). Site: north warehouse, bay 4. Inspector: "
             "M. Okafor. The crate photographed this morning carries a coloured square "
@@ -53,19 +52,8 @@ DOCUMENT = ("Field report 17 (confidential). Site: north warehouse, bay 4. Inspe
 TASK = QUESTION
 
 
-def squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(COLORS)
-    pixels = np.zeros((n, 32, 32, 3), np.uint8)
-    for i, y in enumerate(labels):
-        pixels[i] = rng.integers(0, 40, (32, 32, 3))
-        x0, y0 = rng.integers(0, 16, 2)
-        pixels[i, y0 : y0 + 16, x0 : x0 + 16] = list(COLORS.values())[y]
-    return pixels, labels
-
-
 def train_and_export(backbone: LlavaBackbone, out: Path, steps: int, lr: float) -> Path:
-    pixels, labels = squares(48, seed=0)
+    pixels, labels = coloured_squares(48, seed=0)
     names = list(COLORS)
     splits = DataSplits(ImageSet("squares/train", ArrayImages(pixels[:36]), labels[:36], names),
                         ImageSet("squares/test", ArrayImages(pixels[36:]), labels[36:], names))
@@ -95,7 +83,7 @@ def train_and_export(backbone: LlavaBackbone, out: Path, steps: int, lr: float) 
 
 def train_clip_perception(clip: CLIPBackbone, out: Path, steps: int) -> Path:
     """A CoOp prompt on the offline ``clip-tiny`` classifying the squares' colours."""
-    pixels, labels = squares(48, seed=1)
+    pixels, labels = coloured_squares(48, seed=1)
     names = list(COLORS)
     images = [Image.fromarray(p) for p in pixels]
     with torch.no_grad():
@@ -135,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  perception=perception)
         print(f"[worker] loaded {worker.model_name} from the portable prompt")
 
-        pixels, _ = squares(3, seed=7)  # label 0: red
+        pixels, _ = coloured_squares(3, seed=7)  # label 0: red
         image_path = out / "crate.png"
         Image.fromarray(pixels[0]).save(image_path)
         doc_path = out / "report.txt"
