@@ -138,6 +138,11 @@ class ClientSession:
         self.learner = build_method_learner(config, self.backbone, len(self.splits.classnames))
         self.classifier = PromptedClassifier(self.backbone, self.learner,
                                              self.splits.classnames)
+        self._record_initial_state()
+
+    def _record_initial_state(self) -> None:
+        """What a client starts from before its first round (the learner and the training
+        labels must exist): initial prompt parts, learner stream, sampling plan."""
         self.initial_personal = self.learner.personal_state()
         self.initial_shared = {k: v.cpu() for k, v in self.learner.shared_state().items()}
         rng = getattr(self.learner, "generator", None)
@@ -146,7 +151,7 @@ class ClientSession:
         self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
                                     else b"")
         self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
-                                                              config.train.batch_size)
+                                                              self.config.train.batch_size)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -26,13 +26,11 @@ from fedprompt.errors import ConfigError
 from fedprompt.federated.client import (
     ClientSession,
     ClientState,
-    _dump,
     _key,
     cached_backbone,
 )
 from fedprompt.federated.methods import build_method_learner
 from fedprompt.privacy.accounting import Accountant
-from fedprompt.privacy.dp_sgd import poisson_plan
 from fedprompt.tasks.config import TaskConfig
 from fedprompt.tasks.generative import EncodedQA, GenerativePromptModel, encode_qa
 from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
@@ -110,13 +108,7 @@ class GenerativeClientSession(ClientSession):
         self.learner = build_method_learner(config, backbone,  # type: ignore[arg-type]
                                             max(1, len(classnames)))
         self.model = GenerativePromptModel(backbone, self.learner, self.task, classnames)
-        self.initial_personal = self.learner.personal_state()
-        self.initial_shared = {k: v.cpu() for k, v in self.learner.shared_state().items()}
-        rng = getattr(self.learner, "generator", None)
-        self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
-                                    else b"")
-        self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
-                                                              config.train.batch_size)
+        self._record_initial_state()
 
     # -------------------------------------------------------------------- train
     # ClientSession.train drives the round (budget check, batches, state, update); only
