@@ -111,31 +111,19 @@ class FederatedHistory:
                 ))
         record["server"] = info
         if info.get("global_epsilon") is not None:
-            self.server_ledger.record(LedgerEntry(
-                party="server", mechanism="Gaussian noise on the clipped mean of shared updates",
-                tensors=self.shared_names, noise_multiplier=self.server_noise,
-                clipping_norm=privacy.server_clip_norm,
-                sample_rate=self.config.federation.fraction_train, steps=server_round,
-                accountant=privacy.accountant, epsilon=float(info["global_epsilon"]),
-                delta=privacy.delta, round=server_round,
-                nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
-            ))
+            self.server_ledger.record(self._aggregate_entry(
+                "server", "Gaussian noise on the clipped mean of shared updates",
+                float(info["global_epsilon"]), server_round))
         for cluster, cinfo in sorted(info.get("clusters", {}).items()):
             if cinfo.get("epsilon") is None:
                 continue
             ledger = self.cluster_ledgers.setdefault(
                 cluster, PrivacyLedger(f"cluster-{cluster}", privacy.delta))
-            ledger.record(LedgerEntry(
-                party=f"cluster-{cluster}",
-                mechanism=f"Gaussian noise on the clipped mean of cluster {cluster}'s "
-                f"updates ({cinfo['members']} members, noise std {cinfo['noise_std']:.4g})",
-                tensors=self.shared_names, noise_multiplier=self.server_noise,
-                clipping_norm=privacy.server_clip_norm,
-                sample_rate=self.config.federation.fraction_train, steps=server_round,
-                accountant=privacy.accountant, epsilon=float(cinfo["epsilon"]),
-                delta=privacy.delta, round=server_round,
-                nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
-            ))
+            ledger.record(self._aggregate_entry(
+                f"cluster-{cluster}",
+                f"Gaussian noise on the clipped mean of cluster {cluster}'s updates "
+                f"({cinfo['members']} members, noise std {cinfo['noise_std']:.4g})",
+                float(cinfo["epsilon"]), server_round))
         centroid_epsilon = (info.get("clustering") or {}).get("centroid_epsilon")
         if centroid_epsilon is not None:
             self.centroid_ledger.record(LedgerEntry(
@@ -152,6 +140,19 @@ class FederatedHistory:
             ))
         if "assignments_next" in info:
             info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
+
+    def _aggregate_entry(self, party: str, mechanism: str, epsilon: float,
+                         server_round: int) -> LedgerEntry:
+        """A server-side release of the shared tensors (global, or one cluster's)."""
+        privacy = self.config.privacy
+        return LedgerEntry(
+            party=party, mechanism=mechanism, tensors=self.shared_names,
+            noise_multiplier=self.server_noise, clipping_norm=privacy.server_clip_norm,
+            sample_rate=self.config.federation.fraction_train, steps=server_round,
+            accountant=privacy.accountant, epsilon=epsilon, delta=privacy.delta,
+            round=server_round,
+            nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
+        )
 
     def adjusted_rand_index(self, assignment: dict[Any, int]) -> float | None:
         """ARI of a client -> cluster assignment against the clients' known domains (None
