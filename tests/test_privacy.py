@@ -19,9 +19,10 @@ from fedprompt.federated.aggregation import (
 )
 from fedprompt.privacy.accounting import Accountant, calibrate_noise, nominal_noise_multiplier
 from fedprompt.privacy.dp_sgd import DPLocalTrainer, PoissonBatches
+from fedprompt.privacy.noise import SecureRandom
 from fedprompt.privacy.opacus_head import PromptLogitsHead
 from fedprompt.privacy.per_sample import per_sample_gradients
-from fedprompt.prompts import build_prompt_learner
+from fedprompt.prompts import TensorRole, build_prompt_learner
 from fedprompt.training import LocalTrainer, PromptedClassifier
 
 NAMES = [f"thing {i}" for i in range(12)]
@@ -102,30 +103,59 @@ def test_shared_prefix_path_equals_the_full_text_pass(tiny_backbone) -> None:
 
 
 def _dp_trainer(classifier, noise: float, accountant: Accountant, clip: float = 1.0,
-                seed: int = 0) -> DPLocalTrainer:
+                seed: int = 0, private_names=None) -> DPLocalTrainer:
     config = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, scheduler="constant")
     return DPLocalTrainer(classifier, config, 10, noise_multiplier=noise, clip_norm=clip,
                           sample_rate=0.5, expected_batch_size=4, accountant=accountant,
-                          generator=torch.Generator().manual_seed(seed))
+                          noise=SecureRandom.from_seed(seed), private_names=private_names)
 
 
-def test_dp_step_clips_per_sample_and_noises_only_the_private_tensors(tiny_backbone) -> None:
+@pytest.mark.parametrize("learner", ["coop", "global-local", "fedpgp", "dpfpl", "hierarchical"])
+def test_local_dp_covers_every_trained_tensor(tiny_backbone, learner: str) -> None:
+    """Every tensor the forward pass differentiates is privatized; nothing is public."""
+    classifier = _classifier(tiny_backbone, learner)
+    trainer = _dp_trainer(classifier, noise=1.0, accountant=Accountant("rdp"))
+    names = classifier.learner.local_dp_names()
+    assert trainer.public == []
+    assert {id(getattr(classifier.learner, n)) for n in names} == {id(p) for p in
+                                                                    trainer.private}
+    shared = set(classifier.learner.names_with(TensorRole.SHARED))
+    assert shared and shared <= set(names)  # the shared prompt is inside the DP mechanism
+
+
+def test_dp_step_clips_every_tensor_jointly(tiny_backbone) -> None:
     classifier = _classifier(tiny_backbone, "dpfpl")
     learner = classifier.learner
     features, labels = _batch(tiny_backbone, 4)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     accountant = Accountant("rdp")
     trainer = _dp_trainer(classifier, noise=0.0, accountant=accountant, clip=1e-3)
-    # no noise, tiny clip: the private step is tiny; the global prompt's step is not clipped
+    # no noise, tiny clip: every sample's joint gradient (p_G, u, v) has norm <= 1e-3, so
+    # the global prompt's step is as small as the local one's
+    trainer.train_step(features, labels)
+    assert accountant.steps == 1
+    moved_global = (learner.global_ctx - before["global_ctx"]).norm()
+    moved_local = (learner.local_ctx - before["local_ctx"]).norm()
+    assert 0 < moved_global <= 0.1 * 1e-3 * 4 / 4 + 1e-9  # lr x clip x batch / expected
+    assert 0 < moved_local <= 0.1 * 1e-3 * 4 / 4 * 2 + 1e-9  # x2: Eq. 4 of (u, v)
+
+
+def test_nominal_layout_leaves_the_global_prompt_unclipped(tiny_backbone) -> None:
+    """DP-FPL's published layout (privacy.mode = "nominal" only): noise on u, v; the global
+    prompt follows its plain batch-mean gradient, which is why it carries no guarantee."""
+    classifier = _classifier(tiny_backbone, "dpfpl")
+    learner = classifier.learner
+    features, labels = _batch(tiny_backbone, 4)
+    before = learner.global_ctx.detach().clone()
+    trainer = _dp_trainer(classifier, noise=0.0, accountant=Accountant("rdp"), clip=1e-3,
+                          private_names=learner.nominal_dp_names())
+    assert [id(p) for p in trainer.public] == [id(learner.global_ctx)]
     learner.prepare_step()
     result = per_sample_gradients(classifier, features, labels,
                                   [learner.local_u, learner.local_v], [learner.global_ctx])
     trainer.train_step(features, labels)
-    assert accountant.steps == 1
-    moved_local = (learner.local_ctx - before["local_ctx"]).norm()
-    assert moved_local <= 0.1 * 1e-3 * 4 / 4 * 2 + 1e-9  # lr x clip x batch / expected, x2 (Eq.4)
-    assert torch.allclose(learner.global_ctx, before["global_ctx"] - 0.1 * result.public[0],
-                          atol=1e-6)
+    assert torch.allclose(learner.global_ctx, before - 0.1 * result.public[0], atol=1e-6)
+    assert (learner.global_ctx - before).norm() > 10 * 0.1 * 1e-3
 
 
 def test_dp_noise_has_the_calibrated_scale(tiny_backbone) -> None:
@@ -146,7 +176,8 @@ def test_dp_noise_has_the_calibrated_scale(tiny_backbone) -> None:
 
 def test_poisson_batches_sample_each_example_independently() -> None:
     features = torch.arange(1000.0).unsqueeze(1)
-    batches = PoissonBatches(features, np.zeros(1000, dtype=np.int64), 0.1, 200, seed=1)
+    batches = PoissonBatches(features, np.zeros(1000, dtype=np.int64), 0.1, 200,
+                             rng=SecureRandom.from_seed(1))
     sizes = [len(b[1]) for b in batches]
     assert len(sizes) == 200 and np.mean(sizes) == pytest.approx(100, rel=0.05)
     assert np.std(sizes) == pytest.approx(math.sqrt(1000 * 0.1 * 0.9), rel=0.2)
@@ -210,13 +241,13 @@ def test_server_dp_clips_averages_equally_and_calibrates_noise() -> None:
     assert noisy.update["g"].std().item() == pytest.approx(0.3, rel=0.03)
 
 
-def test_noise_generator_is_seeded_from_the_os_unless_reproducible() -> None:
-    a = torch.normal(0, 1, (4,), generator=noise_generator())
-    b = torch.normal(0, 1, (4,), generator=noise_generator())
+def test_noise_generator_is_keyed_from_the_os_unless_reproducible() -> None:
+    a = noise_generator().normal((4,), 1.0)
+    b = noise_generator().normal((4,), 1.0)
     assert not torch.equal(a, b)
-    c = torch.normal(0, 1, (4,), generator=noise_generator(7))
-    d = torch.normal(0, 1, (4,), generator=noise_generator(7))
-    assert torch.equal(c, d)
+    c = noise_generator(7).normal((4,), 1.0)
+    d = noise_generator(7).normal((4,), 1.0)
+    assert torch.equal(c, d) and c.dtype == torch.float64
 
 
 def test_plain_trainer_and_dp_trainer_agree_without_noise_or_clipping(tiny_backbone) -> None:

@@ -6,15 +6,16 @@ the model. With global DP, each client's update is clipped to ``C_G`` (L2 over a
 tensors together), the clipped updates are averaged **with equal weights** over the
 expected number of participants ``n = q N`` (a fixed denominator, so one client's
 contribution to the average is at most ``C_G / n`` whoever else takes part), and
-Gaussian noise ``N(0, (z C_G / n)^2)`` is added to that average. Noise comes from a
-generator seeded by the operating system's CSPRNG unless reproducible noise was asked
-for. (Flower's DP wrappers calibrate ``z C / n`` for an unweighted mean but apply it to
-FedAvg's example-weighted mean; we do not inherit that.)
+Gaussian noise ``N(0, (z C_G / n)^2)`` is added to that average. The clipped updates are
+summed in float64 and the noise is float64 from a CSPRNG stream
+(:class:`~fedprompt.privacy.noise.SecureRandom`, keyed from the OS) unless reproducible
+noise was asked for; the result is cast to float32 after the noise is in. (Flower's DP
+wrappers calibrate ``z C / n`` for an unweighted mean but apply it to FedAvg's
+example-weighted mean; we do not inherit that.)
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fedprompt.errors import FedPromptError
+from fedprompt.privacy.noise import SecureRandom
 
 
 class UpdateRejected(FedPromptError):
@@ -71,10 +73,12 @@ def clip_update(update: Mapping[str, Tensor], clip_norm: float) -> tuple[dict[st
     return {k: v * scale for k, v in update.items()}, norm
 
 
-def noise_generator(reproducible_seed: int | None = None) -> torch.Generator:
-    """Seeded from the OS's CSPRNG (``secrets``), or from ``reproducible_seed`` for tests."""
-    seed = secrets.randbits(63) if reproducible_seed is None else reproducible_seed
-    return torch.Generator().manual_seed(seed)
+def noise_generator(reproducible_seed: int | None = None) -> SecureRandom:
+    """The server's noise stream: keyed from the OS's CSPRNG, or reproducible from
+    ``reproducible_seed`` (tests)."""
+    if reproducible_seed is None:
+        return SecureRandom()
+    return SecureRandom.from_seed("server-noise", reproducible_seed)
 
 
 @dataclass
@@ -98,22 +102,23 @@ def average_updates(updates: Sequence[Mapping[str, Tensor]], template: Mapping[s
 
 def dp_average(updates: Sequence[Mapping[str, Tensor]], template: Mapping[str, Tensor],
                clip_norm: float, noise_multiplier: float, denominator: float,
-               generator: torch.Generator) -> Aggregate:
-    """Clip each update to ``clip_norm``, sum, divide by the fixed ``denominator`` (the
-    expected number of participants) and add ``N(0, (z clip_norm / denominator)^2)``."""
+               generator: SecureRandom) -> Aggregate:
+    """Clip each update to ``clip_norm``, sum (float64), divide by the fixed
+    ``denominator`` (the expected number of participants) and add float64
+    ``N(0, (z clip_norm / denominator)^2)`` from ``generator``."""
     if denominator <= 0:
         raise ValueError("denominator must be positive")
-    total = {k: torch.zeros_like(v) for k, v in template.items()}
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items()}
     norms, clipped = [], 0
     for update in updates:
         scaled, norm = clip_update(update, clip_norm)
         norms.append(norm)
         clipped += norm > clip_norm
         for k in total:
-            total[k] += scaled[k]
+            total[k] += scaled[k].double()
     std = noise_multiplier * clip_norm / denominator
-    noisy = {k: v / denominator + torch.normal(0.0, std, size=v.shape, generator=generator)
-             if std > 0 else v / denominator for k, v in total.items()}
+    noisy = {k: (v / denominator + generator.normal(v.shape, std)).to(template[k].dtype)
+             for k, v in total.items()}
     return Aggregate(noisy, clipped, norms, std)
 
 
@@ -128,7 +133,7 @@ class GlobalDP:
 def combine_updates(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
                     template: Mapping[str, Tensor], *, dp: GlobalDP | None,
                     denominator: float, equal_weights: bool,
-                    generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, object]]:
+                    generator: SecureRandom) -> tuple[dict[str, Tensor], dict[str, object]]:
     """The mean update of one group of clients (all of them, or one cluster) and what to
     record about it: with ``dp``, :func:`dp_average` over the fixed ``denominator`` (the
     expected number of participants of the group); without, the plain or example-weighted

@@ -31,6 +31,7 @@ from fedprompt.federated.client import (
 )
 from fedprompt.federated.methods import build_method_learner
 from fedprompt.privacy.accounting import Accountant
+from fedprompt.privacy.noise import SecureRandom
 from fedprompt.tasks.config import TaskConfig
 from fedprompt.tasks.generative import EncodedQA, GenerativePromptModel, encode_qa
 from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
@@ -120,13 +121,14 @@ class GenerativeClientSession(ClientSession):
                                  chunk=self.config.privacy.per_sample_chunk)
 
     def _dp_trainer(self, total_steps: int, noise: float, accountant: Accountant,
-                    generator: torch.Generator) -> LocalTrainer:
+                    noise_source: SecureRandom) -> LocalTrainer:
         privacy = self.config.privacy
         return DPGenerativeTrainer(
             self.model, self.train_data, self.config.train, total_steps,
             noise_multiplier=noise, clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
             expected_batch_size=self.sample_rate * self.num_examples,
-            accountant=accountant, generator=generator, chunk=privacy.per_sample_chunk,
+            accountant=accountant, noise=noise_source, chunk=privacy.per_sample_chunk,
+            private_names=self.dp_names(),
         )
 
     # ----------------------------------------------------------------- evaluate

@@ -4,15 +4,19 @@ A method is a prompt learner plus what it shares; the learner itself declares wh
 its tensors are shared, personal, and privatized under local DP, so the client and server
 code never look inside a method.
 
-| method | learner | shared | local DP on |
-|---|---|---|---|
-| local-only | CoOp, context personal | nothing | the context |
-| promptfl | CoOp | the context (FedAvg) | the context |
-| fedpgp | global + u v (u, v trained directly) | global | u, v |
-| dpfpl | global + u v + r, re-factorized every step | global | u, v |
-| dpfpl-no-residual | global + u v | global | u, v |
-| dpfpl-full-rank | global + full-rank local | global | the local prompt |
-| secfpp | domain + class level (SecFPP) | domain prompt, in its cluster | class prompts |
+| method | learner | shared | local DP on (joint clipping) | paper's (nominal) layout |
+|---|---|---|---|---|
+| local-only | CoOp, context personal | nothing | the context | the context |
+| promptfl | CoOp | the context (FedAvg) | the context | the context |
+| fedpgp | global + u v (u, v trained directly) | global | global, u, v | u, v |
+| dpfpl | global + u v + r, re-factorized every step | global | global, u, v | u, v |
+| dpfpl-no-residual | global + u v | global | global, u, v | u, v |
+| dpfpl-full-rank | global + full-rank local | global | global, local | local |
+| secfpp | domain + class level (SecFPP) | domain prompt, in its cluster | domain, class | class |
+
+Local DP always clips and noises every tensor the client trains, jointly; the papers'
+layout (noise on the personal part only) is used only by ``privacy.mode = "nominal"``
+(:func:`local_dp_names`), whose outputs carry no valid guarantee.
 
 ``secfpp`` is *clustered*: the server keeps one domain-level prompt per cluster of
 clients (:mod:`fedprompt.federated.clustered`) and clusters the clients with the
@@ -54,6 +58,14 @@ def method_prompt_config(config: RunConfig) -> PromptConfig:
     spec = METHODS[config.federation.method]
     return config.prompt.model_copy(update={"learner": spec.learner,
                                             "residual": spec.residual})
+
+
+def local_dp_names(config: RunConfig, learner: PromptLearner) -> list[str]:
+    """The tensors a client privatizes under local DP: all it trains (jointly clipped),
+    or, in ``privacy.mode = "nominal"`` only, the papers' layout."""
+    if config.privacy.mode == "nominal":
+        return learner.nominal_dp_names()
+    return learner.local_dp_names()
 
 
 def build_method_learner(config: RunConfig, backbone: VisionLanguageBackbone,

@@ -10,8 +10,9 @@ copy of the context). Then, by the chain rule,
 
 is one vector-Jacobian product of the learner's (cheap, small) parametrisation per
 sample, batched with ``is_grads_batched`` (vmap). For DP-FPL's ``p_G + u v + r`` that is
-``grad_u_i = G_i v^T`` and ``grad_v_i = u^T G_i``; for CoOp it is ``G_i`` itself. The
-language model runs once forward and once backward per step, whatever the method.
+``grad_pG_i = G_i``, ``grad_u_i = G_i v^T`` and ``grad_v_i = u^T G_i``; for CoOp it is
+``G_i`` itself. The language model runs once forward and once backward per step, whatever
+the method and whichever tensors are privatized.
 """
 
 from __future__ import annotations
@@ -35,8 +36,16 @@ def chain_to_parameters(ctx: Tensor, per_sample_ctx_grads: Tensor,
             grads = torch.autograd.grad(ctx, private, grad_outputs=per_sample_ctx_grads,
                                         is_grads_batched=True, retain_graph=True,
                                         allow_unused=True)
-            per_sample = [g if g is not None else torch.zeros(batch, *p.shape, device=p.device)
-                          for g, p in zip(grads, private, strict=True)]
+            # autograd may hand the same tensor to two inputs of a sum (p_G + p_L): Opacus
+            # marks per-sample tensors as processed one by one, so each gets its own
+            per_sample, seen = [], set()
+            for g, p in zip(grads, private, strict=True):
+                if g is None:
+                    g = torch.zeros(batch, *p.shape, device=p.device)
+                elif id(g) in seen:
+                    g = g.clone()
+                seen.add(id(g))
+                per_sample.append(g)
     public_grads: list[Tensor] = []
     if public:
         if batch == 0:

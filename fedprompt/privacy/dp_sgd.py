@@ -5,18 +5,29 @@ Per step:
 
 1. the learner prepares its tensors (DP-FPL: re-factorize ``p_L`` into ``u``, ``v``);
 2. :func:`~fedprompt.privacy.per_sample.per_sample_gradients` gives exact per-sample
-   gradients of the privatized tensors (``learner.local_dp_names()``) and batch-mean
-   gradients of the other trainable tensors, with one text-encoder pass;
+   gradients of the privatized tensors with one text-encoder pass;
 3. Opacus' :class:`~opacus.optimizers.DPOptimizer` clips every sample's gradient to
-   ``C`` (jointly over the privatized tensors), sums, adds ``N(0, (z C)^2)`` and divides by
-   the expected batch size; its step hook advances the accountant by one step at the real
-   sampling rate;
+   ``C`` **jointly over all privatized tensors**, sums, adds ``N(0, (z C)^2)`` (float64
+   noise from a CSPRNG, :mod:`fedprompt.privacy.noise`) and divides by the expected batch
+   size; its step hook advances the accountant by one step at the real sampling rate;
 4. the learner finishes its gradients (DP-FPL: Eq. 4 from the noisy ``u``, ``v``
    gradients to ``p_L``) and the learner's own optimizer steps.
 
+Which tensors are privatized: by default **every tensor the forward pass differentiates**
+(``learner.local_dp_names()``: for DP-FPL the shared ``p_G`` and the carriers ``u``,
+``v``; for SecFPP the domain and class prompts). Every tensor the client trains is then a
+function of noisy gradients only (and of data-independent randomness such as DP-FPL's
+power method), so one record-level epsilon covers the client's update, its personal prompt
+and anything exported from them (the neighbouring-dataset tests in
+``tests/test_neighbouring.py`` check it step by step). A tensor left out (``public``)
+would be trained with plain batch-mean gradients and would carry its data into every
+later step un-noised: that happens only in DP-FPL's published layout
+(``learner.nominal_dp_names()``, noise on ``u``, ``v`` only), which the client uses only in
+``privacy.mode = "nominal"`` and labels as carrying no valid guarantee.
+
 Batches are drawn by Poisson sampling (each example independently with probability
-``q = batch_size / n``), which is what the RDP/PRV accountants' subsampled Gaussian
-analysis assumes; the batch size varies and may be zero.
+``q = batch_size / n``, from a CSPRNG), which is what the RDP/PRV accountants' subsampled
+Gaussian analysis assumes; the batch size varies and may be zero.
 """
 
 from __future__ import annotations
@@ -26,32 +37,37 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor
 
 from fedprompt.config import TrainConfig
 from fedprompt.privacy.accounting import Accountant
+from fedprompt.privacy.noise import SecureRandom
 from fedprompt.privacy.per_sample import per_sample_gradients
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import LocalTrainer
 
 
 class PoissonBatches:
-    """``steps`` batches per pass, each example included with probability ``sample_rate``."""
+    """``steps`` batches per pass, each example included with probability ``sample_rate``,
+    the inclusions drawn from ``rng`` (a CSPRNG: which records a step used is as secret as
+    its noise)."""
 
     def __init__(self, features: Tensor, labels: np.ndarray | Tensor, sample_rate: float,
-                 steps: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
+                 steps: int, rng: SecureRandom | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.features = features.to(device)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
         self.sample_rate = sample_rate
         self.steps = steps
-        self.rng = np.random.default_rng(seed)
+        self.rng = rng if rng is not None else SecureRandom()
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for _ in range(self.steps):
-            mask = self.rng.random(len(self.labels)) < self.sample_rate
+            mask = self.rng.uniform(len(self.labels)) < self.sample_rate
             idx = torch.as_tensor(np.flatnonzero(mask), device=self.features.device)
             yield self.features[idx], self.labels[idx]
 
@@ -61,27 +77,59 @@ def poisson_plan(num_examples: int, batch_size: int) -> tuple[float, int]:
     return min(1.0, batch_size / num_examples), max(1, -(-num_examples // batch_size))
 
 
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus' :class:`~opacus.optimizers.DPOptimizer` (per-sample clipping, summing,
+    scaling, step hooks) whose Gaussian noise comes from :class:`SecureRandom`: float64,
+    CSPRNG bits, Opacus' ``secure_mode`` construction. It replaces ``secure_mode=True``,
+    which needs ``torchcsprng`` (no build for recent torch)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom,
+                 **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        self.noise_source = noise_source
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            noise = self.noise_source.normal(summed.shape, std, device=summed.device)
+            p.grad = (summed.double() + noise).to(summed.dtype).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 class DPLocalTrainer(LocalTrainer):
-    """:class:`LocalTrainer` whose steps are DP-SGD steps on the privatized tensors."""
+    """:class:`LocalTrainer` whose steps are DP-SGD steps on the privatized tensors.
+
+    Args:
+        private_names: the tensors that get per-sample clipping and noise (default: every
+            tensor the forward pass differentiates, ``learner.local_dp_names()``: the only
+            layout with a valid guarantee); the other differentiated tensors get plain
+            batch-mean gradients.
+        noise: the noise stream (default: a fresh CSPRNG stream).
+    """
 
     def __init__(self, classifier: PromptedClassifier, config: TrainConfig, total_steps: int,
                  *, noise_multiplier: float, clip_norm: float, sample_rate: float,
                  expected_batch_size: float, accountant: Accountant,
-                 generator: torch.Generator | None = None, chunk: int = 4) -> None:
+                 noise: SecureRandom | None = None, chunk: int = 4,
+                 private_names: Sequence[str] | None = None) -> None:
         super().__init__(classifier, config, total_steps)
         learner = classifier.learner
-        self.private = [getattr(learner, name) for name in learner.local_dp_names()]
-        private_ids = {id(p) for p in self.private}
-        self.public = [p for p in learner.trainable_parameters() if id(p) not in private_ids]
+        names = list(learner.local_dp_names() if private_names is None else private_names)
+        self.private = [getattr(learner, name) for name in names]
+        self.public = [getattr(learner, name) for name in learner.gradient_names()
+                       if name not in names]
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.chunk = chunk
+        self.noise = noise if noise is not None else SecureRandom()
         # Opacus does clipping, noise and accounting; its inner optimizer is never stepped
         # (the learner's own optimizer applies the update after Eq. 4, where it applies).
-        self.dp_optimizer = DPOptimizer(
-            torch.optim.SGD(self.private, lr=0.0), noise_multiplier=noise_multiplier,
-            max_grad_norm=clip_norm, expected_batch_size=max(1, round(expected_batch_size)),
-            loss_reduction="mean", generator=generator,
+        self.dp_optimizer = SecureDPOptimizer(
+            torch.optim.SGD(self.private, lr=0.0), noise_source=self.noise,
+            noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+            expected_batch_size=max(1, round(expected_batch_size)), loss_reduction="mean",
         )
         self.dp_optimizer.attach_step_hook(
             lambda opt: accountant.step(opt.noise_multiplier, sample_rate)

@@ -16,10 +16,10 @@ all classes on top of the ``B`` backward passes.
 
 Exact per-sample gradients need one VJP per sample (each sample's cotangent is a
 different direction), so a DP step still costs about ``B`` backward passes of the text
-side; only tensors whose per-sample gradients are needed (the privatized ones) are
-differentiated per sample. The rest of the trainable tensors (for DP-FPL the global
-prompt, which gets global DP at the server) get the ordinary batch-mean gradient from a
-single VJP.
+side, whichever prompt tensors they end in: privatizing every trained tensor (the global
+prompt too) costs no more encoder passes than privatizing a subset. Tensors outside the
+privatized set (``public``: only in DP-FPL's nominal layout) get the ordinary batch-mean
+gradient from one more VJP.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ per class). Each of its parameters has a :class:`TensorRole`:
 * ``SHARED``: leaves the client (averaged globally, or within a cluster);
 * ``PERSONAL``: never leaves the client; persisted in the client's own state;
 * ``TRANSIENT``: recomputed from personal state at every step (the low-rank carriers
-  ``u``, ``v`` of DP-FPL); never stored and never sent, but privatized where the
-  method says so.
+  ``u``, ``v`` of DP-FPL); never stored and never sent, but differentiated (and so
+  privatized) in place of the tensor they carry.
 
 Federation code only ever calls :meth:`PromptLearner.shared_state`,
 :meth:`PromptLearner.personal_state` and their ``load_*`` twins, so it never needs to
@@ -109,9 +109,24 @@ class PromptLearner(nn.Module, ABC):
     def after_load(self) -> None:
         """Hook: recompute derived tensors after new state was loaded."""
 
+    def gradient_names(self) -> list[str]:
+        """Tensors the forward pass differentiates (that receive data gradients). Default:
+        the trainable ones; a re-parametrizing learner (DP-FPL) names its carriers."""
+        return [n for n, r in self._roles.items()
+                if r in (TensorRole.SHARED, TensorRole.PERSONAL)]
+
     def local_dp_names(self) -> list[str]:
-        """Tensors that get per-sample clipping and noise under local DP (the privatization
-        of DP-FPL's paper for this kind of prompt). Default: the personal tensors."""
+        """Tensors that get per-sample clipping and noise under local DP: every tensor the
+        forward pass differentiates, clipped **jointly**. Every tensor the client trains
+        is then a function of noisy gradients only, so one record-level epsilon covers its
+        update, its personal prompt and anything exported from them."""
+        return self.gradient_names()
+
+    def nominal_dp_names(self) -> list[str]:
+        """The tensors the papers noise for this kind of prompt (DP-FPL's layout: the
+        personal part only). The others would be trained with plain gradients and feed
+        the noised steps, so this layout carries **no valid guarantee**: it exists only
+        for ``privacy.mode = "nominal"`` (comparison with the papers' tables)."""
         return self.names_with(TensorRole.PERSONAL)
 
     # --------------------------------------------------------------- training

@@ -27,7 +27,7 @@ class CoOpPrompt(PromptLearner):
         self.ctx = nn.Parameter(init_context(n_ctx, ctx_dim, init_std, gen, init_embeddings))
         self.register_role("ctx", TensorRole.SHARED if shared else TensorRole.PERSONAL)
 
-    def local_dp_names(self) -> list[str]:
+    def nominal_dp_names(self) -> list[str]:
         # PromptFL privatized the whole prompt; local-only CoOp privatizes its only tensor.
         return ["ctx"]
 

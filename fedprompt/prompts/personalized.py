@@ -6,9 +6,10 @@
   directly (the factorization is fixed at initialisation).
 * :class:`DPFPLPrompt`: DP-FPL, ``local = u v + r`` where the full-rank local prompt is
   re-factorized at every step by the one-step power method, gradients are taken on the
-  low-rank carriers ``u``, ``v`` (where local DP noise goes) and the full-rank gradient is
-  rebuilt with Eq. 4. With ``residual=False`` (the paper's ablation) the forward pass uses
-  ``u v`` only.
+  low-rank carriers ``u``, ``v`` and the full-rank gradient is rebuilt with Eq. 4. Under
+  local DP the carriers and the global part are clipped jointly and noised; DP-FPL's paper
+  noised the carriers only (``nominal_dp_names``), which leaves the global part un-noised.
+  With ``residual=False`` (the paper's ablation) the forward pass uses ``u v`` only.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class DPFPLPrompt(_GlobalPlusLocal):
     :meth:`prepare_step`). The forward value is exactly ``p_G + p_L`` (with the
     residual) while gradients flow only into ``u`` and ``v``; :meth:`finalize_gradients`
     turns them into ``p_L``'s gradient (Eq. 4). Noise for local DP is added to the
-    carriers' gradients between backward and :meth:`finalize_gradients`.
+    carriers' (and ``p_G``'s) gradients between backward and :meth:`finalize_gradients`.
     """
 
     kind = "dpfpl"
@@ -116,8 +117,14 @@ class DPFPLPrompt(_GlobalPlusLocal):
         self.local_u.grad = None
         self.local_v.grad = None
 
-    def local_dp_names(self) -> list[str]:
-        # DP-FPL adds local noise to the low-rank carriers only, never to the residual.
+    def gradient_names(self) -> list[str]:
+        # the forward pass reads p_L only through the carriers u, v (and the detached
+        # residual), so they receive its data gradients
+        return ["global_ctx", "local_u", "local_v"]
+
+    def nominal_dp_names(self) -> list[str]:
+        # DP-FPL's paper adds local noise to the low-rank carriers only (never to the
+        # residual or the global prompt)
         return ["local_u", "local_v"]
 
     def residual_ctx(self) -> Tensor:
