@@ -1,16 +1,28 @@
 """fedprompt's Flower ClientApp (Message API).
 
 * ``train``: load the shared tensors from the message and this client's persistent state
-  from ``context.state`` (personal prompt parts, optimizer and LR-schedule state, privacy
-  accountant, generator states), train locally (DP-SGD where configured), save the state
-  back, and reply with the update of the shared tensors plus metrics. A client whose
-  privacy budget is spent replies without an update, with ``declined = 1`` and the reason
-  in its ``ConfigRecord``. In a clustering round of a clustered method (secfpp) the train
-  config carries the clustering backend's public material; the client then also replies
-  with its sealed, reduced domain prompt (``cluster-share``, bytes the server relays but
-  cannot read).
+  and privacy ledger from its **state folder on the node's disk**
+  (:mod:`fedprompt.federated.client_store`: personal prompt parts, optimizer and
+  LR-schedule state, privacy accountant, random-stream states, the last round trained),
+  train locally (DP-SGD where configured), record the round in the client's own ledger,
+  save state and ledger atomically, and only then reply with the update of the shared
+  tensors plus metrics. The disk is the source of truth, so a SuperNode that is killed
+  and restarted (same key, same state folder) continues its budget. A message for a round
+  the client already trained, or one past its Flower TTL (the server stopped waiting for
+  that round), is refused with an exception (Flower sends an ``Error`` reply); nothing is
+  trained, saved or sent. A client whose privacy budget is spent replies without an
+  update, with ``declined = 1`` and the reason in its ``ConfigRecord``. In a clustering
+  round of a clustered method (secfpp) the train config carries the clustering backend's
+  public material; the client then also replies with its sealed, reduced domain prompt
+  (``cluster-share``, bytes the server relays but cannot read).
 * ``evaluate``: local and neighbor accuracy of the personalized prompt (received shared
-  tensors + personal parts).
+  tensors + personal parts from the state folder).
+
+The state folder is node config ``state-dir`` (an absolute path; set it on every real
+site), else, in simulation, ``<output_dir>/<run-folder>/client-state`` with the results
+folder's name that the server sends as ``run-folder`` (a single folder name, checked).
+``context.state`` only mirrors the personal parts (``fedprompt.personal``) for
+inspection; it is never read back.
 
 The client's partition comes from ``context.node_config`` (``partition-id``,
 ``num-partitions``: set by the simulation engine, or by ``flower-supernode
@@ -28,7 +40,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedprompt.config import from_run_config
-from fedprompt.federated import ClientSession, ClientState
+from fedprompt.federated import ClientSession
+from fedprompt.federated.client_store import (
+    RUN_FOLDER_KEY,
+    ClientStore,
+    load_state,
+    state_root,
+    train_and_persist,
+)
 from fedprompt.federated.cluster_backends import ClusteringRequest
 from fedprompt.federated.clustered import (
     CLIENT_ID_KEY,
@@ -44,8 +63,8 @@ logging.getLogger("flwr").propagate = False
 app = ClientApp()
 
 _SESSIONS: dict[tuple[str, int, int, int], ClientSession] = {}
+#: context.state key of the mirrored personal parts (never read back: the disk is the truth)
 PERSONAL_KEY = "fedprompt.personal"
-STATE_KEY = "fedprompt.state"
 
 
 def _session(context: Context) -> ClientSession:
@@ -71,29 +90,19 @@ def _session(context: Context) -> ClientSession:
     return _SESSIONS[key]
 
 
-def _load_state(context: Context) -> ClientState | None:
-    if STATE_KEY not in context.state:
-        return None
-    blobs = context.state[STATE_KEY]
-    personal = context.state[PERSONAL_KEY].to_torch_state_dict()
-    return ClientState(
-        personal=dict(personal), optimizer=blobs["optimizer"], accountant=blobs["accountant"],
-        generator=blobs["generator"], learner_rng=blobs["learner_rng"],
-        batch_rng=blobs["batch_rng"],
-        rounds_trained=int(blobs["rounds_trained"]),
-        first_update=blobs.get("first_update", b""),
-    )
+def _store(context: Context, session: ClientSession, msg: Message) -> ClientStore:
+    """This client's state folder for the message's run (see the module docstring)."""
+    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    root = state_root(context.node_config, session.config.output_dir,
+                      str(config.get(RUN_FOLDER_KEY, "")))
+    return ClientStore(root, context.run_id, session.partition_id,
+                       delta=session.config.privacy.delta)
 
 
-def _save_state(context: Context, state: ClientState) -> None:
-    context.state[PERSONAL_KEY] = ArrayRecord(state.personal)
-    context.state[STATE_KEY] = ConfigRecord({
-        "optimizer": state.optimizer, "accountant": state.accountant,
-        "generator": state.generator, "learner_rng": state.learner_rng,
-        "batch_rng": state.batch_rng,
-        "rounds_trained": state.rounds_trained,
-        "first_update": state.first_update,
-    })
+def _deadline(msg: Message) -> float:
+    """When ``msg`` expires (UNIX time): Flower's ``created_at + ttl``; the server sets the
+    TTL to ``federation.timeout``, the time it waits for the round's replies."""
+    return float(msg.metadata.created_at) + float(msg.metadata.ttl)
 
 
 def _shared(msg: Message) -> dict[str, torch.Tensor]:
@@ -114,10 +123,11 @@ def train(msg: Message, context: Context) -> Message:
     session = _session(context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
-    outcome = session.train(_shared(msg), _load_state(context), server_round,
-                            clustering=_clustering_request(config))
+    outcome = train_and_persist(session, _store(context, session, msg), _shared(msg),
+                                server_round, clustering=_clustering_request(config),
+                                deadline=_deadline(msg))
     if not outcome.declined_reason:
-        _save_state(context, outcome.state)
+        context.state[PERSONAL_KEY] = ArrayRecord(outcome.state.personal)
     reply_config = ConfigRecord({"declined-reason": outcome.declined_reason})
     if outcome.submission:
         reply_config[SHARE_KEY] = outcome.submission
@@ -132,5 +142,5 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     session = _session(context)
-    metrics = session.evaluate(_shared(msg), _load_state(context))
+    metrics = session.evaluate(_shared(msg), load_state(_store(context, session, msg)))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

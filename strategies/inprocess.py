@@ -7,7 +7,9 @@ engines do). Messages are deep-copied in both directions, replies are ordered by
 a ClientApp exception becomes an ``Error`` reply (as on a real SuperNode), and the global
 random generators are saved and restored around every client call so client code cannot
 disturb the server's randomness. For a given seed the numbers equal those of a Ray
-simulation of the same apps (tested).
+simulation of the same apps (tested). Every grid is a run of its own (a random Flower run
+id), so clients never mix state between runs; :meth:`InProcessGrid.restart` forgets a
+node's in-memory state as a restarted SuperNode would (its state folder on disk stays).
 
     fedprompt-sim --config run.toml --set federation.rounds=3 --clients 4
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import secrets
 import sys
 import traceback
 import uuid
@@ -38,7 +41,6 @@ from fedprompt.secure.clustering import ClusteringBackend
 from strategies.server_app import run_server
 
 SERVER_NODE_ID = 0
-_RUN_ID = 1
 
 
 class InProcessGrid(Grid):
@@ -50,14 +52,24 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.progress = progress
         self.node_ids = list(range(1, num_nodes + 1))
-        self.contexts = {
-            node: Context(run_id=_RUN_ID, node_id=node,
-                          node_config=(node_configs[node - 1] if node_configs else
-                                       {"partition-id": node - 1, "num-partitions": num_nodes}),
-                          state=RecordDict(), run_config=dict(run_config or {}))
-            for node in self.node_ids
-        }
+        self.run_id = secrets.randbits(62) + 1  # a run of its own (keys client state)
+        self._node_configs = {node: dict(node_configs[node - 1] if node_configs else
+                                         {"partition-id": node - 1,
+                                          "num-partitions": num_nodes})
+                              for node in self.node_ids}
+        self._run_config = dict(run_config or {})
+        self.contexts = {node: self._context(node) for node in self.node_ids}
         self._replies: dict[str, Message] = {}
+
+    def _context(self, node: int) -> Context:
+        return Context(run_id=self.run_id, node_id=node,
+                       node_config=dict(self._node_configs[node]), state=RecordDict(),
+                       run_config=dict(self._run_config))
+
+    def restart(self, node: int) -> None:
+        """Forget node ``node``'s in-memory ``context.state``, as when its SuperNode is
+        killed and started again with the same key (same node id, same run)."""
+        self.contexts[node] = self._context(node)
 
     # Grid interface ------------------------------------------------------------
     def set_run(self, run: object) -> None:  # the in-process grid has one fixed run
@@ -110,7 +122,8 @@ class InProcessGrid(Grid):
         context = self.contexts[node]
         rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
         previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = _RUN_ID, node, node
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (self.run_id, node,
+                                                                           node)
         try:
             reply = self.client_app(message, context)
         except Exception as exc:  # a SuperNode turns ClientApp exceptions into Error replies
@@ -152,7 +165,7 @@ def run_on_grid(grid: InProcessGrid, config: RunConfig, output_dir: Path | None 
     """Run the ServerApp's rounds on ``grid``; ``backend``: a clustering backend for a
     clustered method (default: the one ``[clustering]`` names)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
-        _RUN_ID, SERVER_NODE_ID, SERVER_NODE_ID)
+        grid.run_id, SERVER_NODE_ID, SERVER_NODE_ID)
     return run_server(grid, config, output_dir, backend)
 
 

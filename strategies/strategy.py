@@ -11,6 +11,14 @@ its cluster's domain prompt) and, in a clustering round, the clustering backend'
 material; a train reply's sealed clustering submission is relayed to the server as bytes.
 The strategy owns the server's lifetime: :meth:`FedPromptStrategy.start` closes it (and
 with it the clustering backend and its compute parties) when the rounds end or fail.
+
+Every message lives for ``federation.timeout`` seconds (its Flower TTL), the time the
+strategy waits for the round's replies: the SuperLink drops it after that, and a client
+refuses it (a restarted site must not train a round the server has closed). Its config
+also carries ``run-folder``, the results folder's name, under which clients without a
+``state-dir`` keep their state in simulation (:mod:`fedprompt.federated.client_store`).
+The server is told which nodes each round's messages went to, and takes replies only
+from them, keyed by the node (``src_node_id``) they came from.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedprompt.config import RunConfig
 from fedprompt.federated import ClientReply, FederatedServer
+from fedprompt.federated.client_store import RUN_FOLDER_KEY
 from fedprompt.federated.clustered import SHARE_KEY
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
@@ -51,6 +61,13 @@ def _reply(msg: Message) -> ClientReply:
                        submission=submission)
 
 
+def run_folder_name(config: RunConfig, output_dir: Path) -> str:
+    """The results folder's name when it lies directly in ``output_dir`` (where clients
+    without a ``state-dir`` look for it), else '' (they then need a ``state-dir``)."""
+    base = Path(config.output_dir).expanduser().resolve()
+    return output_dir.name if output_dir.resolve().parent == base else ""
+
+
 def _summary_metrics(summary: dict) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in summary.items()
                          if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -62,6 +79,11 @@ class FedPromptStrategy(Strategy):
     def __init__(self, server: FederatedServer, output_dir: Path) -> None:
         self.server = server
         self.output_dir = output_dir
+        self.run_folder = run_folder_name(server.config, output_dir)
+        if not self.run_folder:
+            log.warning("results folder %s is not directly in output_dir %s: clients "
+                        "without a state-dir in their node config will refuse to train",
+                        output_dir, server.config.output_dir)
 
     def summary(self) -> None:
         s = self.server
@@ -82,18 +104,22 @@ class FedPromptStrategy(Strategy):
     def _messages(self, nodes: list[int], message_type: str, server_round: int,
                   config: ConfigRecord) -> list[Message]:
         """One message per node: the shared tensors of that node (its cluster's, for a
-        clustered method) and the round config (plus per-node clustering fields)."""
+        clustered method) and the round config (plus per-node clustering fields), alive
+        for ``federation.timeout`` seconds. The server notes who was addressed."""
+        self.server.address(server_round, message_type, nodes)
+        ttl = self.server.config.federation.timeout
         messages = []
         for node in nodes:
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
+            node_config[RUN_FOLDER_KEY] = self.run_folder
             if message_type == MessageType.TRAIN:
                 for key, value in self.server.train_config(node, server_round).items():
                     node_config[key] = value
             content = RecordDict({"arrays": ArrayRecord(self.server.shared_for(node)),
                                   "config": node_config})
             messages.append(Message(content=content, message_type=message_type,
-                                    dst_node_id=node))
+                                    dst_node_id=node, ttl=ttl))
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

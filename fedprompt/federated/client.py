@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from fedprompt.data.datasets import DataSplits
 from fedprompt.data.domains import domain_slot
 from fedprompt.data.features import default_cache_dir
 from fedprompt.data.partition import ClientPartition
+from fedprompt.errors import FedPromptError
 from fedprompt.federated.cluster_backends import (
     ClusteringRequest,
     PromptTrace,
@@ -94,6 +96,47 @@ class ClientState:
     batch_rng: str = ""  # the batch-order / Poisson-sampling generator (JSON)
     rounds_trained: int = 0
     first_update: bytes = b""  # shared-tensor change of the first round (clustering input)
+    last_round: int = 0  # the last server round trained; a message for it or before is refused
+
+
+class RoundRefused(FedPromptError):
+    """A train message the client will not train (nothing is trained, saved or sent)."""
+
+
+class RoundAlreadyTrained(RoundRefused):
+    """The message's round is not after the last round the client trained (a replayed,
+    duplicated or out-of-order message)."""
+
+
+class StaleMessage(RoundRefused):
+    """The message expired: the server stopped waiting for its round."""
+
+
+def check_round(state: ClientState | None, server_round: int) -> None:
+    """Refuse a round at or before the last one ``state`` trained (or a round < 1)."""
+    if server_round < 1:
+        raise RoundAlreadyTrained(f"train message for round {server_round}: rounds start at "
+                                  "1 (the message carries no valid server-round)")
+    last = state.last_round if state is not None else 0
+    if server_round <= last:
+        raise RoundAlreadyTrained(
+            f"refusing to train round {server_round}: this client already trained round "
+            f"{last} (a replayed or out-of-order message; nothing was trained or sent)")
+
+
+def check_fresh(server_round: int, deadline: float | None, *, finished: bool = False) -> None:
+    """Refuse a message past ``deadline`` (UNIX time), at the start or, with
+    ``finished``, at the end of training."""
+    if deadline is None:
+        return
+    late = time.time() - deadline
+    if late > 0:
+        when = ("finished training" if finished else "received the message")
+        raise StaleMessage(
+            f"refusing round {server_round}: the client {when} {late:.1f} s after the "
+            "message expired (the server no longer waits for this round); "
+            + ("the update is discarded and nothing is sent" if finished
+               else "nothing was trained or sent"))
 
 
 @dataclass
@@ -227,10 +270,19 @@ class ClientSession:
         )
 
     def train(self, shared: dict[str, Tensor], state: ClientState | None,
-              server_round: int, clustering: ClusteringRequest | None = None) -> TrainOutcome:
+              server_round: int, clustering: ClusteringRequest | None = None,
+              deadline: float | None = None) -> TrainOutcome:
         """One round of local training. With ``clustering`` (a clustering round of a
-        clustered method) the outcome also carries the client's sealed submission."""
+        clustered method) the outcome also carries the client's sealed submission.
+
+        Refused with :class:`RoundRefused` (nothing trained, nothing to save or send) when
+        ``server_round`` is not after ``state.last_round`` (:class:`RoundAlreadyTrained`)
+        or when the message is stale: past ``deadline`` (UNIX time at which the message
+        expires, i.e. when the server stops waiting for the round) at the start or at the
+        end of training (:class:`StaleMessage`)."""
         config = self.config
+        check_round(state, server_round)
+        check_fresh(server_round, deadline)
         state = self._load(shared, state)
         received = {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
         accountant = (Accountant.from_json(state.accountant) if state.accountant
@@ -295,6 +347,7 @@ class ClientSession:
             if isinstance(learner_rng, torch.Generator) else b"",
             batch_rng=json.dumps(batches.rng.bit_generator.state),
             rounds_trained=state.rounds_trained + 1,
+            last_round=server_round,
             first_update=state.first_update or (_dump(update) if update else b""),
         )
         metrics |= {
@@ -305,6 +358,7 @@ class ClientSession:
         }
         if self.local_dp and config.privacy.mode == "nominal":
             metrics["nominal-epsilon"] = config.privacy.epsilon
+        check_fresh(server_round, deadline, finished=True)
         return TrainOutcome(update, metrics, new_state, submission=submission)
 
     # ----------------------------------------------------------------- evaluate

@@ -134,7 +134,6 @@ class ClusteredServer(FederatedServer):
         self.pending: dict[int, int] | None = None  # from the last clustering, for next round
         self.cluster_accountants: dict[int, Accountant] = {0: Accountant(
             config.privacy.accountant)}
-        self.node_client: dict[int, int] = {}  # node id -> client (partition) id
         # node id -> the small id its submissions are sealed and relayed under (Flower node
         # ids are arbitrary 64-bit numbers; backends bind submissions to this id)
         self.slot: dict[int, int] = {}
@@ -201,16 +200,13 @@ class ClusteredServer(FederatedServer):
         return sum(1 for c in self.assignment.values() if c == cluster)
 
     def _client(self, node: int) -> int | str:
-        return self.node_client.get(node, f"node {node}")
+        return self.label(node)  # the client its authenticated node is bound to
 
     def _by_client(self, assignment: Mapping[int, int]) -> dict[int | str, int]:
         return {self._client(n): c for n, c in sorted(assignment.items())}
 
     # ------------------------------------------------------------- aggregation
     def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
-        for reply in replies:
-            if "partition-id" in reply.metrics:
-                self.node_client[reply.node_id] = int(reply.metrics["partition-id"])
         accepted, rejected = self.screen(server_round, replies)
         groups: dict[int, list[Accepted]] = {c: [] for c in self.prompts}
         for a in accepted:

@@ -19,6 +19,15 @@ Files written (all updated after every round, so an interrupted run keeps what i
   ``data.domains``); the same figures go to extra columns of ``rounds.csv`` and
   ``clients.csv`` (``cluster``, ``cluster_next``);
 * ``accuracy.png``: local and neighbor accuracy per round (mean and spread).
+
+Clients are keyed by the client id the server bound their authenticated node to
+(:meth:`~fedprompt.federated.server.FederatedServer.client_of`), never by what a reply
+says about itself; a node not bound yet appears as ``node-<id>``. An *untrusted* reply
+(wrong node, a claim that disagrees with the binding, a falling epsilon) is recorded only
+under ``node-<its node id>`` with ``untrusted`` (the reason) and its claims prefixed
+``claimed-``; it enters no ledger and no summary. The server's copy of a client's ledger
+is built from the same entries the client records in its own
+(:func:`~fedprompt.privacy.ledger.client_round_entry`) and, like it, never decreases.
 """
 
 from __future__ import annotations
@@ -35,7 +44,12 @@ import numpy as np
 import fedprompt
 from fedprompt.config import RunConfig
 from fedprompt.data.domains import client_domains
-from fedprompt.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedprompt.privacy.ledger import (
+    LedgerEntry,
+    PrivacyLedger,
+    client_party,
+    client_round_entry,
+)
 from fedprompt.results import write_json
 
 if TYPE_CHECKING:
@@ -49,6 +63,16 @@ ROUND_COLUMNS = [
 #: extra rounds.csv columns of clustered methods (secfpp)
 CLUSTER_COLUMNS = ["clusters", "clustering_k", "clustering_seconds", "clustering_fallback",
                    "cluster_ari", "cluster_epsilon_max"]
+
+
+def node_label(node_id: int) -> str:
+    """How results name a node that is not (or not trusted as) a bound client."""
+    return f"node-{node_id}"
+
+
+def _client_order(key: int | str) -> tuple[int, int | str]:
+    """Sort key of client ids (first, by number) and node labels (after them)."""
+    return (0, key) if isinstance(key, int) else (1, str(key))
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:
@@ -80,35 +104,56 @@ class FederatedHistory:
                                                      "evaluate": {}, "server": {}})
 
     @staticmethod
-    def _client(reply: ClientReply) -> int:
-        return int(reply.metrics.get("partition-id", reply.node_id))
+    def _key(reply: ClientReply) -> int | str:
+        """The reply's client id, or ``node-<id>`` (unbound node, untrusted reply)."""
+        if reply.untrusted or reply.client is None:
+            return node_label(reply.node_id)
+        return reply.client
+
+    @staticmethod
+    def _metrics(reply: ClientReply) -> dict[str, Any]:
+        if reply.untrusted:  # its claims are kept for the record, under other names
+            return {"untrusted": reply.untrusted,
+                    **{f"claimed-{k}": v for k, v in reply.metrics.items()}}
+        metrics = dict(reply.metrics)
+        if reply.error:
+            metrics["error"] = reply.error
+        return metrics
+
+    def client_ledger(self, client: int) -> PrivacyLedger:
+        """The server's copy of client ``client``'s ledger (created empty)."""
+        return self.client_ledgers.setdefault(
+            client, PrivacyLedger(client_party(client), self.config.privacy.delta))
+
+    def client_entry(self, client: int, metrics: dict[str, Any],
+                     server_round: int) -> LedgerEntry | None:
+        """The ledger entry a train reply of ``client`` reports (``None``: none)."""
+        return client_round_entry(client, self.config.privacy, self.local_dp_names, metrics,
+                                  server_round)
+
+    def check_client_entry(self, client: int, metrics: dict[str, Any],
+                           server_round: int) -> None:
+        """:class:`~fedprompt.privacy.ledger.LedgerError` unless the entry a train reply
+        reports may be recorded in ``client``'s ledger (records nothing)."""
+        entry = self.client_entry(client, metrics, server_round)
+        if entry is not None:
+            ledger = self.client_ledgers.get(client) or PrivacyLedger(client_party(client))
+            ledger.check(entry)
 
     def record_train(self, server_round: int, replies: Sequence[ClientReply],
                      info: dict[str, Any]) -> None:
         record = self._round(server_round)
         privacy = self.config.privacy
         for reply in replies:
-            cid = self._client(reply)
-            metrics = dict(reply.metrics)
-            if reply.error:
-                metrics["error"] = reply.error
-            if reply.declined_reason:
+            metrics = self._metrics(reply)
+            if reply.declined_reason and not reply.untrusted:
                 metrics["declined_reason"] = reply.declined_reason
-            record["train"][cid] = metrics
-            if metrics.get("epsilon", -1.0) >= 0 and not reply.declined_reason:
-                ledger = self.client_ledgers.setdefault(
-                    cid, PrivacyLedger(f"client-{cid}", privacy.delta))
-                ledger.record(LedgerEntry(
-                    party=f"client-{cid}", mechanism="DP-SGD (Opacus DPOptimizer)",
-                    tensors=self.local_dp_names,
-                    noise_multiplier=float(metrics.get("noise-multiplier", 0.0)),
-                    clipping_norm=privacy.clip_norm,
-                    sample_rate=float(metrics.get("sample-rate", 0.0)),
-                    steps=int(metrics.get("steps", 0)), accountant=privacy.accountant,
-                    epsilon=float(metrics["epsilon"]), delta=privacy.delta,
-                    round=server_round,
-                    nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
-                ))
+            record["train"][self._key(reply)] = metrics
+            if reply.untrusted or reply.error or reply.client is None:
+                continue
+            entry = self.client_entry(reply.client, reply.metrics, server_round)
+            if entry is not None:
+                self.client_ledger(reply.client).record(entry)
         record["server"] = info
         if info.get("global_epsilon") is not None:
             self.server_ledger.record(self._aggregate_entry(
@@ -171,16 +216,13 @@ class FederatedHistory:
     def record_evaluate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
         record = self._round(server_round)
         for reply in replies:
-            metrics = dict(reply.metrics)
-            if reply.error:
-                metrics["error"] = reply.error
-            record["evaluate"][self._client(reply)] = metrics
+            record["evaluate"][self._key(reply)] = self._metrics(reply)
 
     # ------------------------------------------------------------------ summary
     def summary(self, server_round: int) -> dict[str, Any]:
         record = self.rounds[server_round]
-        train = record["train"].values()
-        evaluate = record["evaluate"].values()
+        train = [m for m in record["train"].values() if "untrusted" not in m]
+        evaluate = [m for m in record["evaluate"].values() if "untrusted" not in m]
         local_mean, local_std = _stats([m.get("local-accuracy") for m in evaluate])
         neighbor_mean, neighbor_std = _stats([m.get("neighbor-accuracy") for m in evaluate])
         loss_mean, _ = _stats([m.get("train-loss") for m in train if not m.get("declined")])
@@ -254,7 +296,7 @@ class FederatedHistory:
         rows = []
         for record in data["rounds"]:
             clients = set(record["train"]) | set(record["evaluate"])
-            for cid in sorted(clients):
+            for cid in sorted(clients, key=_client_order):
                 row = {"round": record["round"], "client": cid}
                 server = record["server"]
                 if "cluster_of" in server:  # the cluster it trained in, the one it goes to
@@ -271,7 +313,8 @@ class FederatedHistory:
         ledgers = ([self.server_ledger]
                    + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
                    + ([self.centroid_ledger] if self.centroid_ledger.private else [])
-                   + [self.client_ledgers[c] for c in sorted(self.client_ledgers)])
+                   + [self.client_ledgers[c] for c in sorted(self.client_ledgers,
+                                                             key=_client_order)])
         PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")
         plot_rounds(data, out / "accuracy.png")
 

@@ -4,11 +4,23 @@
 aggregates their updates (with global DP where configured), keeps the server-side
 accountant for the shared prompt, and records everything in a
 :class:`~fedprompt.federated.history.FederatedHistory`.
+
+Who a reply is from: the **node** it came from (Flower's authenticated node id, the
+reply's ``src_node_id``), never what the reply says about itself. The first reply of a
+node that names a client id (its ``partition-id`` metric) binds that node to that client
+for the rest of the run (trust on first use; a client id is bound to one node only).
+Afterwards a reply is *untrusted* (rejected with a logged reason, recorded under its own
+node, counted for nobody) when it comes from a node the server did not address in that
+round, is a second reply of a node in a round, names another client than its node's, or
+names a client bound to another node, or when its epsilon or step count is below what
+its client's ledger already holds. Records and ledgers are keyed by the bound client id
+(:meth:`FederatedServer.client_of`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +37,9 @@ from fedprompt.federated.aggregation import (
     noise_generator,
     validate_update,
 )
-from fedprompt.federated.history import FederatedHistory
+from fedprompt.federated.history import FederatedHistory, node_label
 from fedprompt.privacy.accounting import Accountant, calibrate_noise, nominal_noise_multiplier
+from fedprompt.privacy.ledger import LedgerError
 from fedprompt.seeding import derived_seed
 
 log = logging.getLogger("fedprompt.server")
@@ -42,6 +55,9 @@ class ClientReply:
     error: str = ""
     declined_reason: str = ""
     submission: bytes = b""  # sealed clustering submission (clustered methods)
+    # set by the server's screening (FederatedServer.identify):
+    client: int | None = None  # the client its node is bound to (None: not bound yet)
+    untrusted: str = ""  # why its claims were not believed (then it counts for nobody)
 
 
 @dataclass
@@ -83,6 +99,9 @@ class FederatedServer:
             derived_seed(config.seed, "sampling") if reproducible else secrets.randbits(63))
         self.history = FederatedHistory(config, num_clients, self.noise_multiplier,
                                         list(self.shared), local_dp_names)
+        self._node_clients: dict[int, int] = {}  # authenticated node id -> client id
+        self._client_nodes: dict[int, int] = {}  # client id -> node id
+        self._addressed: dict[tuple[int, str], set[int]] = {}  # (round, kind) -> nodes
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: Sequence[int]) -> list[int]:
@@ -112,6 +131,70 @@ class FederatedServer:
     def close(self) -> None:
         """Release what the server holds (nothing here)."""
 
+    # ------------------------------------------------------------- who is who
+    def address(self, server_round: int, kind: str, node_ids: Sequence[int]) -> None:
+        """Record that ``kind`` ("train" or "evaluate") messages of ``server_round`` go to
+        ``node_ids``: only their replies are taken (the strategy calls this)."""
+        self._addressed.setdefault((server_round, kind), set()).update(int(n) for n in
+                                                                       node_ids)
+
+    def client_of(self, node_id: int) -> int | None:
+        """The client id node ``node_id`` is bound to (``None`` before its first reply)."""
+        return self._node_clients.get(node_id)
+
+    def label(self, node_id: int) -> int | str:
+        """How results name node ``node_id``: its client id, else ``node-<id>``."""
+        client = self.client_of(node_id)
+        return node_label(node_id) if client is None else client
+
+    def identify(self, server_round: int, kind: str, replies: Sequence[ClientReply]) -> None:
+        """Set each reply's ``client`` (binding a node on its first valid claim) and
+        ``untrusted`` reason (see the module docstring); logs every untrusted reply."""
+        expected = self._addressed.get((server_round, kind))
+        if expected is None:
+            raise RuntimeError(f"round {server_round}: replies to {kind} messages that were "
+                               f"never addressed: call FederatedServer.address(round, "
+                               f"{kind!r}, nodes) when sending them")
+        seen: set[int] = set()
+        for reply in sorted(replies, key=lambda r: r.node_id):
+            node = reply.node_id
+            reason = ""
+            if node not in expected:
+                reason = f"node {node} was not sent a {kind} message in round {server_round}"
+            elif node in seen:
+                reason = f"a second {kind} reply from node {node} in round {server_round}"
+            else:
+                seen.add(node)
+                if not reply.error:
+                    reason = self._claim(reply)
+            reply.client = self.client_of(node)
+            reply.untrusted = reason
+            if reason:
+                log.warning("round %d: rejected the %s reply from node %d (%s): %s",
+                            server_round, kind, node, self.label(node), reason)
+
+    def _claim(self, reply: ClientReply) -> str:
+        """Check (and on first use bind) the client id a reply names; '' if it holds."""
+        node = reply.node_id
+        claimed = reply.metrics.get("partition-id")
+        if claimed is None:
+            return "the reply names no client (no partition-id metric)"
+        if (isinstance(claimed, bool) or not isinstance(claimed, int | float)
+                or not math.isfinite(claimed) or claimed != int(claimed) or claimed < 0):
+            return f"partition-id {claimed!r} is not a client id (an integer >= 0)"
+        claimed = int(claimed)
+        bound = self._node_clients.get(node)
+        if bound is not None:
+            return "" if claimed == bound else (
+                f"it claims to be client {claimed}, but node {node} is client {bound}")
+        owner = self._client_nodes.get(claimed)
+        if owner is not None:
+            return f"it claims to be client {claimed}, which is node {owner}"
+        self._node_clients[node] = claimed
+        self._client_nodes[claimed] = node
+        log.info("node %d is client %d", node, claimed)
+        return ""
+
     # --------------------------------------------------------------- aggregation
     @property
     def global_dp_settings(self) -> GlobalDP | None:
@@ -123,11 +206,26 @@ class FederatedServer:
         list[Accepted], list[dict[str, object]]
     ]:
         """Validate every reply: the accepted updates (ordered by client) and the rejected
-        ones with their reasons (logged). Errors and declines are never accepted."""
+        ones with their reasons (logged). Untrusted replies (:meth:`identify`), errors and
+        declines are never accepted; nor is a reply whose epsilon or step count is below
+        its client's ledger (it is marked untrusted)."""
+        self.identify(server_round, "train", replies)
         accepted: list[Accepted] = []
         rejected: list[dict[str, object]] = []
-        for reply in sorted(replies, key=lambda r: r.metrics.get("partition-id", r.node_id)):
-            who = reply.metrics.get("partition-id", f"node {reply.node_id}")
+        for reply in sorted(replies, key=lambda r: (r.client is None, r.client or 0,
+                                                    r.node_id)):
+            who = self.label(reply.node_id)
+            if not reply.untrusted and not reply.error and reply.client is not None:
+                try:
+                    self.history.check_client_entry(reply.client, reply.metrics,
+                                                    server_round)
+                except LedgerError as exc:
+                    reply.untrusted = str(exc)
+                    log.warning("round %d: rejected the reply of client %s: %s",
+                                server_round, who, exc)
+            if reply.untrusted:
+                rejected.append({"client": who, "reason": f"untrusted: {reply.untrusted}"})
+                continue
             if reply.error:
                 rejected.append({"client": who, "reason": f"client error: {reply.error}"})
                 log.warning("round %d: client %s failed: %s", server_round, who, reply.error)
@@ -176,6 +274,7 @@ class FederatedServer:
         self.history.record_train(server_round, replies, info)
 
     def record_evaluation(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        self.identify(server_round, "evaluate", replies)
         self.history.record_evaluate(server_round, replies)
 
     def shared_numpy(self) -> dict[str, np.ndarray]:
