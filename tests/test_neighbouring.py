@@ -1,35 +1,27 @@
 """The neighbouring-dataset property test of local DP, for every method and both paths.
 
-Recipe (../shared/notes/privacy-testing.md §2): one client, two data sets D and D' = D
-minus one record x*, identical randomness (initial state, Poisson masks, noise, the
-learner's own draws such as DP-FPL's power method). Both run the same DP-SGD steps; at
-every step the run on D' is handed D's *released* value (its noisy gradient), so both
-continue from the same released history. Then:
+The harness is :mod:`fedprompt.privacy.neighbouring` (recipe in its docstring and in
+docs/privacy.md): D and D' = D minus one record, identical randomness, D' handed D's
+released noisy sums. Asserted for every method on the CLIP and the LLaVA path: the
+pre-noise update moves by exactly 0 on steps without the record and by at most C with it,
+and the client's whole state is identical after every step.
 
-* the pre-noise update (the clipped per-sample gradient sum over every trained tensor)
-  moves by exactly 0 on a step whose batch does not hold x*, and by at most the clip norm
-  C on a step whose batch holds it;
-* the client's whole state (shared and personal prompt parts) is identical after every
-  step: everything the client keeps, sends or exports is a function of released values.
-
-Before the joint DP-SGD fix, DP-FPL, FedPGP, the full-rank ablation and SecFPP trained
-their shared tensor with plain batch-mean gradients, so the state diverged on steps with
-x* and the private update then moved on steps without it (about 0.4-0.5 C here).
+Before the joint DP-SGD fix, DP-FPL, FedPGP, the full-rank and no-residual ablations and
+SecFPP trained their shared tensor with plain batch-mean gradients, so the state diverged
+on steps with the record and the private update then moved on steps without it (up to
+0.66-1.32 C here); PromptFL and local-only were unaffected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
 import pytest
 import torch
 
 from fedprompt.config import RunConfig, TrainConfig
-from fedprompt.federated.methods import METHODS, build_method_learner
+from fedprompt.federated.methods import METHODS, build_method_learner, local_dp_names
 from fedprompt.privacy.accounting import Accountant
 from fedprompt.privacy.dp_sgd import DPLocalTrainer
+from fedprompt.privacy.neighbouring import StepTrace, neighbouring_trace
 from fedprompt.privacy.noise import SecureRandom
 from fedprompt.training.model import PromptedClassifier
 
@@ -38,61 +30,6 @@ LOCAL_DP_METHODS = sorted(METHODS)
 CLIP = 0.5
 #: "exactly 0" on a step without the record: both runs compute the same thing
 ZERO_TOL = 1e-6 * CLIP
-
-
-@dataclass
-class StepTrace:
-    holds_record: bool
-    update_displacement: float  # || clipped sum (D) - clipped sum (D') ||, all DP tensors
-    state_displacement: float  # || state (D) - state (D') || after the step
-
-
-def _state(learner: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().double().flatten() for _, p in sorted(
-        learner.named_parameters())])
-
-
-def _synchronise(trainer: DPLocalTrainer, role: str, shared: dict) -> None:
-    """Wrap the trainer's noise step: record the clipped sum before noise; the run on D
-    releases its noisy sum, the run on D' is handed that release instead of its own."""
-    optimizer = trainer.dp_optimizer
-    add_noise = optimizer.add_noise
-
-    def synchronised_add_noise() -> None:
-        shared[f"pre-{role}"] = [p.summed_grad.detach().double().flatten().clone()
-                                 for p in optimizer.params]
-        if role == "D":
-            add_noise()
-            shared["released"] = [p.grad.detach().clone() for p in optimizer.params]
-        else:
-            for p, released in zip(optimizer.params, shared["released"], strict=True):
-                p.grad = released.clone().view_as(p)
-
-    optimizer.add_noise = synchronised_add_noise  # type: ignore[method-assign]
-
-
-def neighbouring_trace(make_trainer: Callable[[], DPLocalTrainer], features: torch.Tensor,
-                       labels: torch.Tensor, record: int, steps: int, sample_rate: float,
-                       seed: int = 0) -> list[StepTrace]:
-    """Run D and D' = D minus ``record`` in lock step (see the module docstring)."""
-    run_d, run_dp = make_trainer(), make_trainer()
-    assert torch.equal(_state(run_d.learner), _state(run_dp.learner))
-    shared: dict = {}
-    _synchronise(run_d, "D", shared)
-    _synchronise(run_dp, "D'", shared)
-    rng = np.random.default_rng(seed)
-    trace = []
-    for _ in range(steps):
-        mask = rng.random(len(labels)) < sample_rate
-        idx_d = torch.as_tensor(np.flatnonzero(mask))
-        mask[record] = False
-        idx_dp = torch.as_tensor(np.flatnonzero(mask))
-        run_d.train_step(features[idx_d], labels[idx_d])
-        run_dp.train_step(features[idx_dp], labels[idx_dp])
-        pre = torch.cat(shared["pre-D"]) - torch.cat(shared["pre-D'"])
-        trace.append(StepTrace(bool(len(idx_d) != len(idx_dp)), float(pre.norm()),
-                               float((_state(run_d.learner) - _state(run_dp.learner)).norm())))
-    return trace
 
 
 def check_trace(trace: list[StepTrace]) -> None:
@@ -188,3 +125,43 @@ def test_llava_path_moves_only_with_the_record(llava, color_qa, method: str) -> 
     index = torch.arange(len(data))
     check_trace(neighbouring_trace(make_trainer, index, torch.as_tensor(data.labels),
                                    record=2, steps=8, sample_rate=0.4))
+
+
+# ----------------------------------------------------- the check can fail, and does
+def _clip_trace(backbone, config: RunConfig) -> list[StepTrace]:
+    names = [f"thing {i}" for i in range(6)]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(14, backbone.embed_dim, generator=gen)
+    labels = torch.randint(0, len(names), (14,), generator=gen)
+
+    def make_trainer() -> DPLocalTrainer:
+        learner = build_method_learner(config, backbone, len(names))
+        return DPLocalTrainer(PromptedClassifier(backbone, learner, names), _train_config(),
+                              12, noise_multiplier=1.0, clip_norm=CLIP, sample_rate=0.4,
+                              expected_batch_size=5.6, accountant=Accountant("rdp"),
+                              noise=SecureRandom.from_seed(5),
+                              private_names=local_dp_names(config, learner))
+
+    return neighbouring_trace(make_trainer, features, labels, record=3, steps=12,
+                              sample_rate=0.4)
+
+
+@pytest.mark.parametrize("method", ["dpfpl", "fedpgp", "dpfpl-full-rank", "secfpp"])
+def test_the_papers_nominal_layout_fails_the_check(tiny_backbone, method: str) -> None:
+    """privacy.mode = "nominal" (noise on the personal part only) leaks through the
+    un-noised shared prompt: the check catches it, which is why nominal outputs are
+    labelled as carrying no guarantee."""
+    config = _method_config(method).with_overrides({"privacy.mode": "nominal"})
+    trace = _clip_trace(tiny_backbone, config)
+    assert max(s.state_displacement for s in trace) > 1e-3
+    assert max(s.update_displacement for s in trace if not s.holds_record) > 1e-3
+
+
+@pytest.mark.parametrize("method", LOCAL_DP_METHODS)
+def test_clients_privatize_every_trained_tensor_outside_nominal_mode(tiny_backbone,
+                                                                      method: str) -> None:
+    for mode in ("target-epsilon", "noise-multiplier"):
+        config = _method_config(method).with_overrides({"privacy.mode": mode})
+        learner = build_method_learner(config, tiny_backbone, 4)
+        assert local_dp_names(config, learner) == learner.gradient_names()
+        check_trace(_clip_trace(tiny_backbone, config))
