@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedprompt.atomic import atomic_write_text
 from fedprompt.config import RunConfig
 
 
@@ -39,7 +40,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+    """Write ``data`` as JSON (non-finite floats as null), atomically."""
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
 
 
 def plot_epoch_accuracy(metrics: dict[str, Any], path: Path) -> None:

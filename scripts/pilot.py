@@ -10,10 +10,14 @@ A small process manager for the multi-site pilot and its rehearsal on one machin
   into ``$FLWR_HOME/config.toml`` for the ``flwr`` CLI.
 * :meth:`Pilot.register_supernode`: ``flwr supernode register <key.pub> <connection>``.
 * :meth:`Pilot.start_supernode`: ``flower-supernode --root-certificates ...
-  --auth-supernode-private-key ... --node-config "partition-id=i num-partitions=N"
-  --port <own runtime port>``; :meth:`Pilot.wait_online` waits until it is activated.
+  --auth-supernode-private-key ... --node-config "partition-id=i num-partitions=N
+  state-dir='<work_dir>/state/<key name>'" --port <own runtime port>``;
+  :meth:`Pilot.wait_online` waits until it is activated. Every SuperNode gets a state
+  folder of its own (keyed by its key, so a SuperNode restarted with the same key finds
+  its state and spent privacy budget again); :meth:`Pilot.kill` kills one (a crash).
 * :meth:`Pilot.run`: ``flwr run <app> <connection> --run-config ... --stream``, then the
-  run's final status from ``flwr list --run-id``.
+  run's final status from ``flwr list --run-id`` (:meth:`Pilot.start_run` and
+  :meth:`Pilot.wait_run` do the same in two steps, to act on nodes during the run).
 * :meth:`Pilot.stop`: SIGTERM, then SIGKILL, to every process started here and to all
   their descendants (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``; the
   SuperLink starts its SuperExec in a new session, so process groups alone miss it).
@@ -358,18 +362,23 @@ class Pilot:
                         private_key: Path | None = None, port: int | None = None,
                         node_config: Mapping[str, Any] | None = None,
                         name: str | None = None, insecure: bool = False,
+                        state_dir: Path | None = None,
                         extra_args: Iterable[str] = ()) -> ManagedProcess:
         """Start one SuperNode (not waiting for it; see :meth:`wait_online`).
 
         ``private_key`` defaults to ``certs/supernode-keys/supernode-<partition_id>``;
         ``port`` (its own Runtime API port, where its SuperExec and ClientApp processes
-        connect) defaults to a free one. ``insecure=True`` starts a node without TLS and
-        without a key (only useful to check that the SuperLink refuses it).
+        connect) defaults to a free one. ``state_dir`` (node config ``state-dir``: where
+        its clients keep their state and privacy ledgers) defaults to
+        ``<work_dir>/state/<key file name>`` (``<name>`` without a key), so a SuperNode
+        started again with the same key continues where it stopped. ``insecure=True``
+        starts a node without TLS and without a key (only useful to check that the
+        SuperLink refuses it).
         """
         port = port or free_port("127.0.0.1")
-        config = {"partition-id": partition_id, "num-partitions": num_partitions,
-                  **(node_config or {})}
+        name = name or f"supernode-{partition_id}"
         cmd = [self._exe("flower-supernode"), "--superlink", self.address]
+        key: Path | None = None
         if insecure:
             cmd.append("--insecure")
         else:
@@ -378,12 +387,32 @@ class Pilot:
                 raise PilotError(f"{key} is missing: run scripts/make_certificates.sh -n N")
             cmd += ["--root-certificates", str(self.certs / "ca.crt"),
                     "--auth-supernode-private-key", str(key)]
+        state = Path(state_dir or self.work_dir / "state" / (key.name if key else name))
+        state = state.resolve()
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = {"partition-id": partition_id, "num-partitions": num_partitions,
+                  "state-dir": str(state), **(node_config or {})}
         cmd += ["--node-config", format_config(config), "--host", "127.0.0.1",
                 "--port", str(port), *extra_args]
-        proc = self.start(name or f"supernode-{partition_id}", cmd)
-        proc.info.update(partition_id=partition_id, port=port)
+        proc = self.start(name, cmd)
+        proc.info.update(partition_id=partition_id, port=port, state_dir=state)
         self.supernodes.append(proc)
         return proc
+
+    def kill(self, proc: ManagedProcess, sig: int = signal.SIGKILL) -> None:
+        """Kill ``proc`` and everything below it at once (default SIGKILL: a crash, no
+        clean-up), and wait until they are gone."""
+        victims: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(proc.pid)
+            victims[root.pid] = root
+            victims.update({c.pid: c for c in root.children(recursive=True)})
+        if proc.alive():
+            _killpg(proc.pid, sig)
+        _signal_all(victims.values(), sig)
+        psutil.wait_procs(list(victims.values()), timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=10)
 
     def wait_online(self, nodes: Iterable[ManagedProcess], timeout: float = 120.0) -> dict[
             str, int]:
@@ -419,6 +448,11 @@ class Pilot:
         log tails) on a timeout, a non-zero exit or a final status other than
         ``finished:completed``.
         """
+        return self.wait_run(self.start_run(run_config, federation_config), timeout)
+
+    def start_run(self, run_config: str | Mapping[str, Any] | Iterable[str] | None = None,
+                  federation_config: str | None = None) -> ManagedProcess:
+        """Start ``flwr run ... --stream`` without waiting (see :meth:`wait_run`)."""
         args = [self._exe("flwr"), "run", str(self.app_dir), self.connection, "--stream"]
         config = format_config(run_config)
         if config:
@@ -426,11 +460,15 @@ class Pilot:
         if federation_config:
             args += ["--federation-config", federation_config]
         self._counter += 1
-        name = f"flwr-run-{self._counter:02d}"
-        start = time.monotonic()
-        proc = self.start(name, args, cwd=self.work_dir)
+        proc = self.start(f"flwr-run-{self._counter:02d}", args, cwd=self.work_dir)
+        proc.info["started"] = time.monotonic()
+        return proc
+
+    def wait_run(self, proc: ManagedProcess, timeout: float = 1800.0) -> RunResult:
+        """Wait for the ``flwr run`` of :meth:`start_run` to end; as :meth:`run`."""
+        start = float(proc.info["started"])
         try:
-            returncode = proc.popen.wait(timeout=timeout)
+            returncode = proc.popen.wait(timeout=max(1.0, start + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             run_id = self._run_id(proc.log)
             if run_id is not None:

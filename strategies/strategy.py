@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -43,8 +44,21 @@ logging.getLogger("flwr").propagate = False
 log = logging.getLogger("fedprompt.strategy")
 
 
-def _reply(msg: Message) -> ClientReply:
+def _reply(msg: Message, sent_to: dict[str, int]) -> ClientReply:
+    """The server's view of one reply. ``sent_to``: message id -> the node it was sent to.
+
+    The reply is the node's it came from (``src_node_id``, authenticated by the
+    SuperLink), except an error the SuperLink answers itself for a node it could not
+    reach ("node unavailable", ``src_node_id`` = the SuperLink): that one is the
+    addressed node's. A reply from one node to a message sent to another is untrusted.
+    """
     node = msg.metadata.src_node_id
+    addressed = sent_to.get(msg.metadata.reply_to_message_id)
+    if msg.has_error() and node == SUPERLINK_NODE_ID and addressed is not None:
+        node = addressed
+    if addressed is not None and node != addressed:
+        return ClientReply(node_id=node, untrusted=f"a reply from node {node} to the "
+                           f"message sent to node {addressed}")
     if msg.has_error():
         return ClientReply(node_id=node, error=f"{msg.error.code}: {msg.error.reason}")
     content = msg.content
@@ -80,6 +94,7 @@ class FedPromptStrategy(Strategy):
         self.server = server
         self.output_dir = output_dir
         self.run_folder = run_folder_name(server.config, output_dir)
+        self._sent: dict[tuple[int, str], list[Message]] = {}  # this round's messages
         if not self.run_folder:
             log.warning("results folder %s is not directly in output_dir %s: clients "
                         "without a state-dir in their node config will refuse to train",
@@ -120,7 +135,15 @@ class FedPromptStrategy(Strategy):
                                   "config": node_config})
             messages.append(Message(content=content, message_type=message_type,
                                     dst_node_id=node, ttl=ttl))
+        # the grid gives each message its id when it pushes it; the replies name it
+        self._sent[(server_round, message_type)] = messages
         return messages
+
+    def _replies(self, server_round: int, message_type: str,
+                 replies: Iterable[Message]) -> list[ClientReply]:
+        sent = self._sent.pop((server_round, message_type), [])
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        return [_reply(m, sent_to) for m in replies]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -134,7 +157,8 @@ class FedPromptStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
         ArrayRecord | None, MetricRecord | None
     ]:
-        self.server.aggregate(server_round, [_reply(m) for m in replies])
+        self.server.aggregate(server_round,
+                              self._replies(server_round, MessageType.TRAIN, replies))
         self.server.history.write(self.output_dir)
         return ArrayRecord(self.server.result_arrays()), None
 
@@ -149,7 +173,8 @@ class FedPromptStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        self.server.record_evaluation(server_round, [_reply(m) for m in replies])
+        self.server.record_evaluation(
+            server_round, self._replies(server_round, MessageType.EVALUATE, replies))
         self.server.history.write(self.output_dir)
         summary = self.server.history.summary(server_round)
         log.info("round %d: local acc %.4f +- %.4f, neighbor acc %s, local eps max %s, "

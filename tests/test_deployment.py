@@ -1,10 +1,12 @@
-"""Flower deployment engine end to end (slow, about 3 minutes on 2 cores).
+"""Flower deployment engine end to end (slow, a few minutes each on 2 cores).
 
 A SuperLink with TLS (certificates from scripts/make_certificates.sh) and SuperNode
 authentication, two registered SuperNodes (partition 0 and 1 of 2) on free loopback ports,
 a third SuperNode whose key was never registered (it must be refused) and a fourth
 without TLS (it must never get in), then `flwr run`
-with a tiny configuration for 2 rounds. Every process started is stopped in `finally`.
+with a tiny configuration for 2 rounds. A second test kills a SuperNode of a run with
+local DP after round 1 and restarts it with the same key and state folder: its privacy
+ledger must continue. Every process started is stopped in `finally`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +27,14 @@ RUN_CONFIG = ("backbone.model='clip-tiny' backbone.image_size=0 data.max_train_p
               "federation.rounds=2 prompt.n_ctx=4 prompt.rank=2 privacy.mode='off' "
               # a client that dies must fail the run well before the test's own timeout
               "federation.timeout=300.0")
+
+
+#: local DP with real epsilons (a budget that is never reached), 3 rounds
+DP_RUN_CONFIG = ("backbone.model='clip-tiny' backbone.image_size=0 data.max_train_per_class=10 "
+                 "federation.rounds=3 prompt.n_ctx=4 prompt.rank=2 "
+                 "privacy.mode='noise-multiplier' privacy.local_noise_multiplier=1.0 "
+                 "privacy.server_noise_multiplier=1.0 privacy.epsilon=100.0 "
+                 "federation.timeout=150.0")
 
 
 def _load_pilot() -> ModuleType:
@@ -101,3 +112,101 @@ def test_tls_authenticated_deployment_runs_two_rounds(tmp_path: Path,
         for client in entry["train"].values():
             assert math.isfinite(client["train-loss"])
     assert math.isfinite(metrics["final"]["local_accuracy_mean"])
+
+
+def _evaluated(out: Path, server_round: int, clients: set[str]) -> bool:
+    """Whether the run writing under ``out`` has recorded the evaluation of
+    ``server_round`` by all of ``clients`` (metrics.json is replaced atomically)."""
+    runs = [p for p in out.iterdir() if (p / "metrics.json").is_file()] if out.is_dir() else []
+    if len(runs) != 1:
+        return False
+    rounds = json.loads((runs[0] / "metrics.json").read_text())["rounds"]
+    return any(r["round"] == server_round and clients <= set(r["evaluate"]) for r in rounds)
+
+
+@pytest.mark.slow
+def test_a_restarted_site_continues_its_privacy_ledger(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedprompt.privacy.accounting import Accountant
+
+    pilot_mod = _load_pilot()
+    for key, value in pilot_mod.OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    certs = tmp_path / "certs"
+    made = subprocess.run(["bash", str(REPO / "scripts" / "make_certificates.sh"), "-n", "2",
+                           str(certs)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert made.returncode == 0, made.stdout + made.stderr
+    out = tmp_path / "results"
+
+    pilot = pilot_mod.Pilot(tmp_path / "work", certs, flwr_home=tmp_path / "flwr-home")
+    try:
+        pilot.start_superlink(timeout=120)
+        for i in range(2):
+            pilot.register_supernode(pilot.key_paths(i)[1])
+        nodes = [pilot.start_supernode(i, 2) for i in range(2)]
+        online = pilot.wait_online(nodes, timeout=180)
+        run = pilot.start_run(f"{DP_RUN_CONFIG} output_dir='{out}'")
+        deadline = time.monotonic() + 480
+        while not _evaluated(out, 1, {"0", "1"}):
+            assert run.alive(), run.tail()
+            assert time.monotonic() < deadline, "round 1 did not finish in 480 s"
+            time.sleep(0.2)
+        # round 1 is trained and evaluated: site 1 crashes, then comes back with the same
+        # key and the same state folder
+        pilot.kill(nodes[1])
+        assert not nodes[1].alive()
+        # a crashed node stays "online" at the SuperLink until it misses its heartbeats
+        # (2 x 30 s); it can be activated again only once it is marked offline. A few
+        # seconds more let the ServerApp collect the "node unavailable" error of the
+        # round-2 message it had sent there (the SuperLink then deletes that message).
+        node_id, offline_by = online[nodes[1].name], time.monotonic() + 150
+        while {int(n["node-id"]): n["status"] for n in pilot.list_supernodes()}.get(
+                node_id) == "online":
+            assert time.monotonic() < offline_by, "the killed node stays online"
+            time.sleep(2.0)
+        time.sleep(8.0)
+        restarted = pilot.start_supernode(1, 2, name="supernode-1-restarted")
+        assert restarted.info["state_dir"] == nodes[1].info["state_dir"]
+        again = pilot.wait_online([restarted], timeout=180)
+        assert again[restarted.name] == online[nodes[1].name]  # the same authenticated node
+        result = pilot.wait_run(run, timeout=900)
+        assert result.status == "finished:completed"
+    finally:
+        left = pilot.stop()
+        assert not left, [(p.pid, p.cmdline()) for p in left]
+
+    run_dir = pilot_mod.results_dir(out)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    ledgers = {lg["party"]: lg for lg in
+               json.loads((run_dir / "privacy_ledger.json").read_text())["ledgers"]}
+    for client, proc in ((0, nodes[0]), (1, restarted)):
+        (folder,) = proc.info["state_dir"].glob(f"run-*/client-{client}")
+        assert folder.parent.name == f"run-{result.run_id}"
+        own = json.loads((folder / "privacy_ledger.json").read_text())["entries"]
+        rounds = [e["round"] for e in own]
+        steps = [e["steps"] for e in own]
+        eps = [e["epsilon"] for e in own]
+        # continues across the restart: strictly growing, as many steps as an
+        # uninterrupted run of the same rounds, and the accountant's epsilon of them
+        assert rounds == sorted(set(rounds)) and rounds[0] == 1
+        assert steps == [steps[0] * (k + 1) for k in range(len(steps))]
+        assert eps == sorted(set(eps)) and eps[0] > 0
+        for entry in own:
+            replay = Accountant("rdp")
+            replay.step(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+            assert entry["epsilon"] == pytest.approx(replay.epsilon(1e-5), rel=1e-9)
+        # no stale message was trained: every round in the site's own ledger is a round
+        # the server received and accepted from it, with the same figures
+        server = {e["round"]: (e["steps"], e["epsilon"])
+                  for e in ledgers[f"client-{client}"]["entries"]}
+        assert {e["round"]: (e["steps"], e["epsilon"]) for e in own} == server
+        for r in rounds:
+            record = metrics["rounds"][r - 1]["train"][str(client)]
+            assert "error" not in record and "untrusted" not in record
+    # the restarted site trained again after the restart, continuing its budget
+    (folder,) = restarted.info["state_dir"].glob("run-*/client-1")
+    own = json.loads((folder / "privacy_ledger.json").read_text())["entries"]
+    assert own[0]["round"] == 1 and own[-1]["round"] == 3 and len(own) >= 2

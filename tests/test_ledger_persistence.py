@@ -379,3 +379,26 @@ def test_the_server_takes_replies_only_from_addressed_nodes_once(tmp_path: Path)
 def test_in_process_grids_are_separate_runs() -> None:
     a, b = InProcessGrid(client_app, 1), InProcessGrid(client_app, 1)
     assert a.run_id != b.run_id
+
+
+def test_a_superlink_error_counts_for_the_node_it_could_not_reach() -> None:
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from strategies.strategy import _reply
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 0, 0
+    sent = Message(RecordDict(), dst_node_id=7, message_type="train")
+    sent.metadata.__dict__["_message_id"] = "m7"
+    # "node unavailable", answered by the SuperLink itself for node 7
+    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent)
+    error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    reply = _reply(error, {"m7": 7})
+    assert reply.node_id == 7 and "Node Unavailable" in reply.error and not reply.untrusted
+    # a reply from node 8 to the message sent to node 7 speaks for nobody
+    other = Message(RecordDict({"metrics": MetricRecord({"partition-id": 0})}),
+                    reply_to=sent)
+    other.metadata.__dict__["_src_node_id"] = 8
+    reply = _reply(other, {"m7": 7})
+    assert reply.node_id == 8 and "to the message sent to node 7" in reply.untrusted
+    assert _reply(other, {}).untrusted == ""  # unknown message: judged by the server

@@ -33,6 +33,7 @@ is built from the same entries the client records in its own
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import fedprompt
+from fedprompt.atomic import atomic_write_bytes, atomic_write_text
 from fedprompt.config import RunConfig
 from fedprompt.data.domains import client_domains
 from fedprompt.privacy.ledger import (
@@ -287,12 +289,13 @@ class FederatedHistory:
         data = self.to_dict()
         write_json(out / "metrics.json", data)
         clustered = any("clusters" in r["server"] for r in data["rounds"])
-        with (out / "rounds.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS + (CLUSTER_COLUMNS if
-                                                                    clustered else []))
-            writer.writeheader()
-            for record in data["rounds"]:
-                writer.writerow(record["summary"])
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=ROUND_COLUMNS + (CLUSTER_COLUMNS if
+                                                                   clustered else []))
+        writer.writeheader()
+        for record in data["rounds"]:
+            writer.writerow(record["summary"])
+        atomic_write_text(out / "rounds.csv", table.getvalue())
         rows = []
         for record in data["rounds"]:
             clients = set(record["train"]) | set(record["evaluate"])
@@ -306,10 +309,11 @@ class FederatedHistory:
                 row |= {f"eval_{k}": v for k, v in record["evaluate"].get(cid, {}).items()}
                 rows.append(row)
         columns = sorted({k for row in rows for k in row} - {"round", "client"})
-        with (out / "clients.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["round", "client", *columns])
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["round", "client", *columns])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / "clients.csv", table.getvalue())
         ledgers = ([self.server_ledger]
                    + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
                    + ([self.centroid_ledger] if self.centroid_ledger.private else [])
@@ -351,5 +355,7 @@ def plot_rounds(data: dict[str, Any], path: Path) -> None:
     if ax.get_lines():
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())

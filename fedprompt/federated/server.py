@@ -158,20 +158,23 @@ class FederatedServer:
         seen: set[int] = set()
         for reply in sorted(replies, key=lambda r: r.node_id):
             node = reply.node_id
-            reason = ""
-            if node not in expected:
-                reason = f"node {node} was not sent a {kind} message in round {server_round}"
-            elif node in seen:
-                reason = f"a second {kind} reply from node {node} in round {server_round}"
-            else:
-                seen.add(node)
-                if not reply.error:
-                    reason = self._claim(reply)
+            if not reply.untrusted:  # (the transport may have found a reason already)
+                reply.untrusted = self._admit(server_round, kind, reply, expected, seen)
             reply.client = self.client_of(node)
-            reply.untrusted = reason
-            if reason:
+            if reply.untrusted:
                 log.warning("round %d: rejected the %s reply from node %d (%s): %s",
-                            server_round, kind, node, self.label(node), reason)
+                            server_round, kind, node, self.label(node), reply.untrusted)
+
+    def _admit(self, server_round: int, kind: str, reply: ClientReply, expected: set[int],
+               seen: set[int]) -> str:
+        """'' if the reply may be taken (binding its node on first use), else why not."""
+        node = reply.node_id
+        if node not in expected:
+            return f"node {node} was not sent a {kind} message in round {server_round}"
+        if node in seen:
+            return f"a second {kind} reply from node {node} in round {server_round}"
+        seen.add(node)
+        return "" if reply.error else self._claim(reply)
 
     def _claim(self, reply: ClientReply) -> str:
         """Check (and on first use bind) the client id a reply names; '' if it holds."""
