@@ -267,18 +267,38 @@ class ClusteringConfig(_Section):
         "trained prompt minus the initial one; prompt = the trained prompt itself "
         "(docs/secfpp.md compares them)",
     )
-    reduce_dim: int = Field(64, ge=1, le=4096,
-                            description="length of the reduced (projected, unit) vector")
-    k_max: int = Field(4, ge=1, description="adaptive k is chosen in [1, k_max]")
-    iterations: int = Field(10, ge=1, description="k-means iterations per candidate k")
+    reduce_dim: int = Field(
+        16, ge=1, le=4096, description="length of the reduced (projected, unit) vector; "
+        "short vectors keep the DP clustering's noise small (docs/secfpp.md)")
+    k_max: int = Field(4, ge=1, description="adaptive k is chosen in [1, k_max] (1: one "
+                       "cluster, no clustering)")
+    iterations: int = Field(5, ge=1, description="Lloyd iterations per candidate k (each "
+                            "is one noisy release)")
     min_silhouette: float = Field(
         0.3, ge=-1, le=1, description="adaptive k: k = 1 unless some k >= 2 reaches a mean "
         "silhouette above this (the best such k is chosen)"
     )
     cluster_every: int = Field(
-        1, ge=1, description="cluster in rounds 1, 1 + cluster_every, ... (round 1 trains "
-        "everyone in one cluster); with reduce = first-update only while some client has "
-        "not been clustered yet"
+        0, ge=0, description="0: cluster once, in round 1 (retried in the next rounds after "
+        "a failed attempt while the privacy budget allows); n >= 1: in rounds 1, 1 + n, "
+        "1 + 2n, ... Every attempt is accounted. Clients not clustered (not sampled, joined "
+        "later) are labelled against the last public centres when they next train"
+    )
+    noise_multiplier: float = Field(
+        0.0, ge=0, description="noise multiplier of every Gaussian release of a clustering "
+        "run under server DP (privacy.mode != off and privacy.server); 0: calibrated so that "
+        "the planned clusterings alone spend clustering.epsilon_share of privacy.epsilon. "
+        "Without server DP the clustering runs without noise and is recorded as not private"
+    )
+    epsilon_share: float = Field(
+        0.5, gt=0, lt=1, description="with clustering.noise_multiplier = 0: the share of "
+        "privacy.epsilon the planned clusterings may spend on their own (the domain-prompt "
+        "releases get the rest of the composed budget in target-epsilon mode)"
+    )
+    denominator: Literal["noisy-count", "uniform"] = Field(
+        "noisy-count", description="what a cluster's noisy sum of clipped updates is divided "
+        "by (never its realised size): noisy-count = the cluster's released (noisy) size "
+        "from the last clustering, at least 1; uniform = q N / k (public)"
     )
     timeout: float = Field(120.0, gt=0, description="seconds any wait of a clustering round "
                            "may take (secure backend)")
@@ -293,10 +313,6 @@ class ClusteringConfig(_Section):
         "", description="comma-separated host:port of already running compute parties "
         "(python -m fedprompt.secure.party), in rank order; empty: the server spawns them. "
         "Their control secret comes from the FEDPROMPT_CLUSTER_TOKEN environment variable"
-    )
-    centroid_noise: float = Field(
-        0.0, ge=0, description="noise multiplier of the revealed centroids (Gaussian, std "
-        "multiplier x 1 on each cluster sum of unit vectors); 0: centroids stay secret"
     )
 
 

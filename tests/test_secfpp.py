@@ -18,7 +18,7 @@ from clients.app import app as client_app
 from fedprompt.config import load_config
 from fedprompt.data.domains import client_domains, domain_slot
 from fedprompt.errors import DataError
-from fedprompt.federated.clustered import SHARE_KEY, match_labels
+from fedprompt.federated.clustered import SHARE_KEY, match_centres
 from fedprompt.secure.clustering import ClusteringError, ClusteringResult, ClusteringSettings
 from fedprompt.secure.plaintext_clustering import PlaintextClustering
 from strategies.inprocess import inprocess_grid, run_inprocess, run_on_grid
@@ -38,19 +38,29 @@ def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _centres(k: int, dim: int = 16) -> np.ndarray:
+    """Public centres for scripted results: the first k unit axes."""
+    return np.eye(dim)[:k]
+
+
 class FixedClustering:
     """A backend whose assignments are scripted per round (by relay id): a dict of
-    assignments, an exception to raise, or None for "cluster in the clear". Submissions
-    are still opened with the plaintext backend, so they must be valid."""
+    labels (slots of the public centres ``_centres(k)``), an exception to raise, or None
+    for "cluster in the clear". Submissions are still opened with the plaintext backend,
+    so they must be valid. ``sizes`` scripts the released cluster sizes."""
 
     insecure = True
 
     def __init__(self, script: dict[int, Any], dim: int = 16,
-                 exclude: dict[int, dict[int, str]] | None = None) -> None:
+                 exclude: dict[int, dict[int, str]] | None = None,
+                 sizes: dict[int, list[float]] | None = None) -> None:
         self.inner = PlaintextClustering(ClusteringSettings(dim=dim))
         self.script = script
         self.exclude = exclude or {}
+        self.sizes = sizes or {}
+        self.dim = dim
         self.calls: list[tuple[int, list[int]]] = []
+        self.labelled: list[tuple[int, list[int]]] = []
         self.closed = False
 
     def client_material(self) -> dict[str, bytes]:
@@ -69,8 +79,17 @@ class FixedClustering:
             return self.inner.cluster(round_id, submissions)
         excluded = self.exclude.get(round_id, {})
         assignments = {c: planned[c] for c in submissions if c not in excluded}
-        return ClusteringResult(k=len(set(assignments.values())), assignments=assignments,
-                                excluded=dict(excluded))
+        k = max(planned.values()) + 1
+        sizes = self.sizes.get(round_id, [float(sum(1 for v in assignments.values() if v == j))
+                                          for j in range(k)])
+        return ClusteringResult(k=k, assignments=assignments, excluded=dict(excluded),
+                                centres=_centres(k, self.dim) if k > 1 else None,
+                                counts=np.array(sizes))
+
+    def assign(self, round_id: int, submissions: dict[int, bytes],
+               centres: np.ndarray) -> tuple[dict[int, int], dict[int, str]]:
+        self.labelled.append((round_id, sorted(submissions)))
+        return self.inner.assign(round_id, submissions, centres)
 
     def close(self) -> None:
         self.closed = True
@@ -126,13 +145,17 @@ def test_multi_domain_clients_are_dealt_in_blocks_and_split_within_their_domain(
         load_dataset(config.data)
 
 
-def test_new_cluster_labels_keep_the_ids_of_the_clusters_they_overlap() -> None:
-    previous = {10: 0, 11: 0, 12: 1, 13: 1}
-    # the backend's labels are arbitrary: 0 and 1 swapped keep their old ids
-    assert match_labels(previous, {10: 1, 11: 1, 12: 0, 13: 0}) == previous
-    # a third group gets a fresh id
-    assert match_labels(previous, {10: 0, 11: 2, 12: 1, 13: 1}) == {10: 0, 11: 2, 12: 1,
-                                                                    13: 1}
+def test_new_clusters_take_ids_and_prompts_by_their_public_centres() -> None:
+    old = {0: np.array([1.0, 0.0, 0.0]), 3: np.array([0.0, 1.0, 0.0])}
+    # the backend's slots are arbitrary: swapped centres keep their ids
+    ids, nearest = match_centres(old, np.array([[0.1, 0.99, 0.0], [0.99, 0.1, 0.0]]))
+    assert ids == {0: 3, 1: 0} and nearest == {0: 3, 1: 0}
+    # a third cluster gets a fresh id and starts from the nearest old cluster's prompt
+    ids, nearest = match_centres(old, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0],
+                                                [0.6, 0.0, 0.8]]))
+    assert ids == {0: 0, 1: 3, 2: 4} and nearest[2] == 0
+    # before any centres: fresh ids 0..k-1
+    assert match_centres({}, np.eye(3)[:2]) == ({0: 0, 1: 1}, {})
 
 
 # --------------------------------------------------------------------- federation
@@ -166,7 +189,8 @@ def test_secfpp_runs_in_process_and_records_the_clustering(tmp_path: Path) -> No
 
 def test_class_level_prompts_are_never_in_any_reply(tmp_path: Path) -> None:
     recorder = Recorder()
-    run_inprocess(_config(tmp_path, "clustering.reduce='update'"), 4, client_app=recorder.app)
+    run_inprocess(_config(tmp_path, "clustering.reduce='update'", "clustering.cluster_every=1"),
+                  4, client_app=recorder.app)
     train = [s for s in recorder.sent if s["kind"] == "train"]
     assert len(train) == 8
     for reply in train:
@@ -210,9 +234,10 @@ def test_a_failed_clustering_round_keeps_the_last_assignments(tmp_path: Path,
                                                               caplog) -> None:
     split = {0: 0, 1: 0, 2: 1, 3: 1}
     backend = FixedClustering({1: split, 2: ClusteringError("compute party 1 died"),
-                               3: {0: 0, 1: 0, 2: 0, 3: 0}},
+                               3: {0: 1, 1: 1, 2: 1, 3: 1}},
                               exclude={3: {0: "share has the wrong size"}})
-    config = _config(tmp_path, "federation.rounds=4", "clustering.reduce='update'")
+    config = _config(tmp_path, "federation.rounds=4", "clustering.reduce='update'",
+                     "clustering.cluster_every=1")
     with caplog.at_level(logging.WARNING, logger="fedprompt.server"):
         data = _metrics(run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
                                     backend=backend))
@@ -224,14 +249,33 @@ def test_a_failed_clustering_round_keeps_the_last_assignments(tmp_path: Path,
     assert rounds[2]["server"]["cluster_of"] == {"0": 0, "1": 0, "2": 1, "3": 1}
     assert any("clustering failed: compute party 1 died" in r.getMessage()
                for r in caplog.records)
-    # round 3: client 0 is excluded (bad share) and keeps cluster 0; 1 moves to cluster 1
+    # round 3: client 0 is excluded (bad share) and goes to the successor of its cluster
+    # by the public centres (cluster 0); 1 moves to cluster 1
     third = rounds[2]["server"]
     assert third["clustering"]["excluded"] == {"0": "share has the wrong size"}
     assert third["assignments_next"] == {"0": 0, "1": 1, "2": 1, "3": 1}
     assert rounds[3]["server"]["cluster_of"] == {"0": 0, "1": 1, "2": 1, "3": 1}
 
 
-def test_first_update_signatures_are_clustered_again_only_after_a_failure(
+def test_clients_missing_from_a_clustering_are_labelled_against_its_public_centres(
+        tmp_path: Path) -> None:
+    """first-update, cluster once: a client excluded from the round-1 clustering trains in
+    a public default cluster in round 2 and is labelled against the public centres then
+    (the backend's assign, which releases nothing else); nobody is clustered again."""
+    backend = FixedClustering({1: {0: 0, 1: 0, 2: 1, 3: 1}},
+                              exclude={1: {3: "share has the wrong size"}})
+    config = _config(tmp_path, "federation.rounds=3")
+    rounds = _metrics(run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
+                                  backend=backend))["rounds"]
+    assert [c[0] for c in backend.calls] == [1]
+    assert backend.labelled == [(2, [3])]  # only the client not labelled yet
+    assert rounds[1]["server"]["cluster_of"]["3"] == 0  # the successor of its old cluster
+    label = rounds[1]["server"]["labelling"]["assigned"]["3"]  # nearest of e0, e1
+    assert label in (0, 1) and rounds[2]["server"]["cluster_of"]["3"] == label
+    assert "labelling" not in rounds[2]["server"] and "clustering" not in rounds[2]["server"]
+
+
+def test_first_update_signatures_are_clustered_once_and_retried_after_a_failure(
         tmp_path: Path) -> None:
     backend = FixedClustering({1: ClusteringError("timed out after 120 s"),
                                2: {0: 0, 1: 0, 2: 1, 3: 1}})
@@ -244,66 +288,69 @@ def test_first_update_signatures_are_clustered_again_only_after_a_failure(
     assert rounds[2]["server"]["cluster_of"] == {"0": 0, "1": 0, "2": 1, "3": 1}
 
 
-def test_cluster_wise_dp_noise_and_ledgers(tmp_path: Path) -> None:
-    backend = FixedClustering({r: {0: 0, 1: 1, 2: 1, 3: 1} for r in range(1, 4)})
+def test_cluster_wise_dp_noise_denominators_and_the_server_ledger(tmp_path: Path) -> None:
+    """Each cluster's noisy sum is divided by its released (noisy) size, never by its
+    realised membership; the noise std on the mean uses the same denominator; one
+    aggregate release per round and the clustering's releases are all entries of the
+    server ledger (no per-cluster ledgers)."""
+    backend = FixedClustering({1: {0: 0, 1: 1, 2: 1, 3: 1}}, sizes={1: [1.3, 2.6]})
     config = _config(tmp_path, "federation.rounds=3", "privacy.mode='noise-multiplier'",
                      "privacy.local=false", "privacy.server=true",
                      "privacy.server_noise_multiplier=0.7", "privacy.server_clip_norm=0.5",
-                     "privacy.reproducible_noise=true")
+                     "privacy.reproducible_noise=true", "clustering.noise_multiplier=3.0")
     out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run", backend=backend)
     rounds = _metrics(out)["rounds"]
-    assert rounds[0]["server"]["clusters"]["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 4)
+    first = rounds[0]["server"]["clusters"]["0"]
+    assert first["denominator"] == 4 and first["noise_std"] == pytest.approx(0.7 * 0.5 / 4)
+    assert rounds[0]["server"]["clustering"]["private"] is True
     for record in rounds[1:]:
-        # the 3-client group overlaps the old all-in-one cluster 0 most, so it keeps id 0
         clusters = record["server"]["clusters"]
-        assert clusters["0"]["members"] == 3 and clusters["1"]["members"] == 1
-        assert clusters["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 3)
-        assert clusters["1"]["noise_std"] == pytest.approx(0.7 * 0.5 / 1)
-        assert record["server"]["cluster_of"] == {"0": 1, "1": 0, "2": 0, "3": 0}
+        assert clusters["0"]["members"] == 1 and clusters["1"]["members"] == 3
+        assert clusters["0"]["denominator"] == 1.3 and clusters["1"]["denominator"] == 2.6
+        assert clusters["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 1.3)
+        assert clusters["1"]["noise_std"] == pytest.approx(0.7 * 0.5 / 2.6)
+        assert record["server"]["cluster_of"] == {"0": 0, "1": 1, "2": 1, "3": 1}
     ledgers = {lg["party"]: lg for lg in
                json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
-    server = [e["epsilon"] for e in ledgers["server"]["entries"]]
-    for party, first_round in (("cluster-0", 1), ("cluster-1", 2)):  # cluster 1 from round 2
-        entries = ledgers[party]["entries"]
-        eps = [e["epsilon"] for e in entries]
-        assert [e["round"] for e in entries] == list(range(first_round, 4))
-        assert eps == sorted(eps) and len(set(eps)) == len(eps) and eps[0] > 0
-        # a new cluster's prompt derives from every earlier release: its accountant starts
-        # from the per-client one, and one release per client per round keeps them equal
-        assert eps == pytest.approx(server[first_round - 1:])
-    assert rounds[-1]["summary"]["cluster_epsilon_max"] == pytest.approx(
-        ledgers["server"]["epsilon"])
+    assert not [p for p in ledgers if p.startswith("cluster")]
+    server = ledgers["server"]["entries"]
+    kinds = ["clustering" if "DP clustering" in e["mechanism"] else "aggregate"
+             for e in server]
+    assert kinds == ["aggregate", "clustering", "aggregate", "aggregate"]
+    eps = [e["epsilon"] for e in server]
+    steps = [e["steps"] for e in server]
+    assert eps == sorted(eps) and len(set(eps)) == 4 and steps == sorted(steps)
+    assert server[1]["noise_multiplier"] == 3.0 and server[1]["sample_rate"] == 1.0
+    assert rounds[-1]["summary"]["global_epsilon"] == pytest.approx(ledgers["server"]["epsilon"])
 
 
-def test_noisy_centroids_are_accounted_in_their_own_ledger(tmp_path: Path) -> None:
-    """With clustering.centroid_noise > 0 every clustering that opens noisy centroids is a
-    Gaussian release of the cluster sums: its epsilon grows in a ledger of its own."""
-    backend = PlaintextClustering(ClusteringSettings(dim=16, k_max=2,
-                                                     centroid_noise_multiplier=2.0))
-    config = _config(tmp_path, "federation.rounds=3", "clustering.reduce='update'",
-                     "clustering.centroid_noise=2.0")
-    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run", backend=backend)
-    records = [r["server"]["clustering"] for r in _metrics(out)["rounds"]]
-    eps = [r["centroid_epsilon"] for r in records]
-    assert all(e is not None and e > 0 for e in eps) and eps == sorted(eps)
-    assert len(set(eps)) == 3
-    ledgers = {lg["party"]: lg for lg in
-               json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
-    centroids = ledgers["clustering-centroids"]
-    assert [e["epsilon"] for e in centroids["entries"]] == pytest.approx(eps)
-    assert all(e["noise_multiplier"] == 2.0 for e in centroids["entries"])
-    assert "without noise" in centroids["entries"][0]["mechanism"]
+def test_dp_clustering_in_a_federation_is_accounted(tmp_path: Path) -> None:
+    """The plaintext backend with the run's settings: every clustering is a ledger entry
+    of the server, at the clustering's noise multiplier, and the round's record says so."""
+    config = _config(tmp_path, "federation.rounds=2", "privacy.mode='noise-multiplier'",
+                     "privacy.local=false", "privacy.server_noise_multiplier=1.0",
+                     "clustering.noise_multiplier=2.0", "clustering.cluster_every=1",
+                     "clustering.reduce='update'")
+    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run")
+    rounds = _metrics(out)["rounds"]
+    records = [r["server"]["clustering"] for r in rounds]
+    assert all(r["private"] and r["noise_multiplier"] == 2.0 for r in records)
+    ledger = {lg["party"]: lg for lg in
+              json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}["server"]
+    clustering = [e for e in ledger["entries"] if "DP clustering" in e["mechanism"]]
+    assert [e["round"] for e in clustering] == [1, 2]
+    assert [e["epsilon"] for e in clustering] == pytest.approx(
+        [r["epsilon_after"] for r in records])
 
 
-def test_no_centroid_ledger_without_centroid_noise(tmp_path: Path) -> None:
+def test_without_server_dp_the_clustering_is_labelled_not_private(tmp_path: Path) -> None:
     config = _config(tmp_path, "clustering.reduce='update'")
-    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run",
-                      backend=PlaintextClustering(ClusteringSettings(dim=16, k_max=2)))
-    parties = {lg["party"] for lg in
+    out = run_on_grid(inprocess_grid(config, 4), config, tmp_path / "run")
+    parties = {lg["party"]: lg for lg in
                json.loads((out / "privacy_ledger.json").read_text())["ledgers"]}
-    assert "clustering-centroids" not in parties
-    assert all(r["server"]["clustering"]["centroid_epsilon"] is None
-               for r in _metrics(out)["rounds"])
+    assert not parties["server"]["entries"]
+    record = _metrics(out)["rounds"][0]["server"]["clustering"]
+    assert record["private"] is False and "not differentially private" in record["note"]
 
 
 def _two_domain_folders(root: Path) -> list[Path]:

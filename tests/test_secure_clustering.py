@@ -23,8 +23,8 @@ from fedprompt.secure.clustering import (
     round_seed,
     seal,
 )
-from fedprompt.secure.fixed_point import COORD_BOUND, SCALE, check_vector, encode
-from fedprompt.secure.kmeans import adaptive_kmeans, relabel
+from fedprompt.secure.fixed_point import COORD_BOUND, SCALE, check_vector, decode, encode
+from fedprompt.secure.kmeans import Releases, assign, dp_spherical_kmeans
 from fedprompt.secure.plaintext_clustering import PlaintextClustering
 from fedprompt.secure.sealing import (
     open_part,
@@ -61,21 +61,53 @@ def keys(parties: int = 2) -> tuple[list[X25519PrivateKey], dict[str, bytes]]:
 @pytest.mark.parametrize(("n", "dim", "k"), [(30, 16, 3), (60, 64, 4), (40, 256, 1)])
 def test_reference_kmeans_finds_known_clusters(n, dim, k):
     x, labels = clustered(n, dim, k, 0.4, seed=n + dim)
-    out = adaptive_kmeans(x, k_max=8, iterations=10, seed=1)
+    out = dp_spherical_kmeans(x, k_max=8, iterations=10, seed=1)
     assert out.k == k
     assert adjusted_rand_score(labels, out.labels) == 1.0
-    assert out.centroids.shape == (k, dim)
-    assert sorted(set(out.labels.tolist())) == list(range(k))
+    if k > 1:
+        assert out.centres.shape == (k, dim)
+        assert np.allclose(np.linalg.norm(out.centres, axis=1), 1.0)
+        # the centres are the clusters' mean directions; the sizes are exact without noise
+        for j in range(k):
+            mean = x[out.labels == j].mean(0)
+            assert out.centres[j] @ mean / np.linalg.norm(mean) > 0.999
+        assert np.array_equal(out.counts, np.bincount(out.labels, minlength=k))
+    else:
+        assert out.centres is None and out.counts.tolist() == [n]
 
 
-def test_reference_kmeans_is_deterministic_and_labels_by_first_appearance():
+def test_reference_kmeans_is_deterministic_and_starts_from_public_centres():
     x, _ = clustered(25, 8, 3, 0.3, seed=4)
-    a = adaptive_kmeans(x, 5, 10, seed=7)
-    b = adaptive_kmeans(x, 5, 10, seed=7)
-    assert np.array_equal(a.labels, b.labels)
-    assert a.labels[0] == 0
-    with pytest.raises(ValueError, match="not one-hot"):
-        relabel(np.array([[1, 1], [0, 1]]))
+    a = dp_spherical_kmeans(x, 5, 10, seed=7)
+    b = dp_spherical_kmeans(x, 5, 10, seed=7)
+    assert np.array_equal(a.labels, b.labels) and a.k == b.k
+    # the start does not depend on the data: permuting the clients permutes the labels
+    perm = np.random.default_rng(0).permutation(25)
+    c = dp_spherical_kmeans(x[perm], 5, 10, seed=7)
+    assert np.array_equal(c.labels, a.labels[perm])
+    # every release is recorded: iterations - 1 sums, then sums | sizes, then scores
+    assert len(a.releases.sums) == 9 and a.releases.last.shape == (4, 5, 9)
+    assert a.releases.scores.shape == (5,) and a.releases.scores[-1] == 25
+    with pytest.raises(ValueError, match="k_max must be >= 2"):
+        dp_spherical_kmeans(x, 1, 10, seed=7)
+
+
+def test_reference_labels_depend_on_the_own_vector_and_the_releases_only():
+    """Replaying the releases of a run on all clients, any subset of the clients gets
+    the same k, centres, sizes and labels (the billboard structure the DP argument
+    needs), also when the releases are noisy."""
+    x, _ = clustered(20, 8, 3, 0.5, seed=3)
+    rng = np.random.default_rng(5)
+    stds = ClusteringSettings(dim=8, k_max=4, iterations=4, noise_multiplier=0.8).noise_stds()
+    full = dp_spherical_kmeans(x, 4, 4, seed=2, noise=stds,
+                               draw=lambda shape, std: rng.normal(0.0, std, shape))
+    subset = np.arange(20)[rng.random(20) < 0.5]
+    part = dp_spherical_kmeans(x[subset], 4, 4, seed=2, noise=stds, replay=full.releases)
+    assert part.k == full.k and np.array_equal(part.labels, full.labels[subset])
+    assert np.array_equal(part.counts, full.counts)
+    with pytest.raises(ValueError, match="replayed scores has shape"):
+        dp_spherical_kmeans(x, 4, 4, seed=2, noise=stds, replay=Releases(
+            sums=full.releases.sums, last=full.releases.last, scores=np.zeros(2)))
 
 
 def test_plaintext_backend_clusters_and_excludes_bad_submissions(caplog):
@@ -92,6 +124,14 @@ def test_plaintext_backend_clusters_and_excludes_bad_submissions(caplog):
     assert "client 100 excluded" in caplog.text
     got = np.array([result.assignments[c] for c in range(20)])
     assert result.k == 2 and adjusted_rand_score(labels, got) == 1.0
+    assert result.private is False and result.centres.shape == (2, 8)
+    # no submission at all: the releases are made anyway (nobody's presence is a branch)
+    empty = backend.cluster(6, {})
+    assert empty.assignments == {} and empty.releases.scores[-1] == 0.0
+    # labelling against public centres releases nothing but each client's own label
+    found, bad = backend.assign(7, {c: seal(x[c], material, 7, c) for c in range(5)},
+                                result.centres)
+    assert not bad and found == {c: result.assignments[c] for c in range(5)}
 
 
 def test_settings_are_validated():
@@ -193,8 +233,7 @@ def test_shares_and_ciphertexts_do_not_depend_on_the_prompt():
 
 # -- the CrypTen compute parties ------------------------------------------------------------
 
-SETTINGS = ClusteringSettings(dim=16, k_max=6, iterations=10, seed=11, timeout_s=90.0,
-                              centroid_noise_multiplier=1e-3)
+SETTINGS = ClusteringSettings(dim=16, k_max=6, iterations=6, seed=11, timeout_s=90.0)
 
 
 @pytest.fixture(scope="module")
@@ -207,25 +246,86 @@ def secure():
     assert all(p.poll() is not None for p in backend._procs) or not backend._procs
 
 
-def test_mpc_assignments_equal_the_plaintext_reference(secure):
-    x, labels = clustered(24, 16, 3, 0.4, seed=5)
-    material = secure.client_material()
-    result = secure.cluster(1, {cid: seal(x[cid], material, 1, cid) for cid in range(24)})
-    reference = adaptive_kmeans(x, SETTINGS.k_max, SETTINGS.iterations,
-                                round_seed(SETTINGS.seed, 1), SETTINGS.min_silhouette)
-    got = np.array([result.assignments[cid] for cid in range(24)])
-    assert result.k == reference.k == 3
-    assert adjusted_rand_score(reference.labels, got) == 1.0
-    assert adjusted_rand_score(labels, got) == 1.0
-    assert not result.excluded
-    # labels by first appearance, as the reference: identical, not just equivalent
-    assert np.array_equal(got, reference.labels)
-    # DP-noised centroids (tiny noise here) match the cluster means
-    assert result.centroids is not None and result.centroids.shape == (3, 16)
-    assert np.allclose(result.centroids, reference.centroids, atol=0.02)
-    # every Beaver tuple came from the batched prefetch
-    assert result.stats["party0_kmeans_tuple_misses"] == 0
-    assert result.stats["comm_bytes"] > 0
+def _reference(x: np.ndarray, round_id: int, settings: ClusteringSettings = SETTINGS):
+    """The plaintext reference on the fixed-point values the parties compute with."""
+    return dp_spherical_kmeans(decode(encode(x)), settings.k_max, settings.iterations,
+                               round_seed(settings.seed, round_id), settings.min_silhouette)
+
+
+def test_mpc_equals_the_plaintext_reference_without_noise(secure):
+    """Same public start, same iterations: identical k and labels, and the same released
+    values (the cluster sums exactly: integer one-hots times fixed-point vectors)."""
+    for round_id, (n, k) in ((1, (24, 3)), (4, (12, 2)), (5, (15, 1))):
+        x, labels = clustered(n, 16, k, 0.4, seed=5 + round_id)
+        material = secure.client_material()
+        result = secure.cluster(round_id, {cid: seal(x[cid], material, round_id, cid)
+                                           for cid in range(n)})
+        reference = _reference(x, round_id)
+        got = np.array([result.assignments[cid] for cid in range(n)])
+        assert result.k == reference.k == k
+        assert np.array_equal(got, reference.labels)
+        assert adjusted_rand_score(labels, got) == 1.0
+        assert not result.excluded and result.private is False
+        for mpc, plain in zip(result.releases.sums, reference.releases.sums, strict=True):
+            assert np.array_equal(mpc, plain)
+        assert np.array_equal(result.releases.last, reference.releases.last)
+        # silhouettes go through a fixed-point reciprocal: close, not identical
+        assert np.allclose(result.criterion, reference.criterion, atol=2e-3)
+        assert np.array_equal(result.counts, reference.counts)
+        if k > 1:
+            assert np.allclose(result.centres, reference.centres, atol=1e-9)
+        # every Beaver tuple came from the batched prefetch
+        assert result.stats["party0_kmeans_tuple_misses"] == 0
+        assert result.stats["comm_bytes"] > 0
+    # labelling against public centres: the same as the reference
+    found, bad = secure.assign(6, {cid: seal(x[cid], material, 6, cid) for cid in range(n)},
+                               np.eye(16)[:3])
+    assert not bad
+    assert [found[c] for c in range(n)] == assign(decode(encode(x)), np.eye(16)[:3]).tolist()
+
+
+def test_mpc_noise_has_the_configured_std():
+    """Every party adds its own N(0, sigma^2 / (P - 1)) to its share before a release is
+    opened, so the server sees N(0, sigma^2 P / (P - 1)) with sigma = noise_multiplier x
+    the release's sensitivity. Measured against the exact values the reference computes
+    from the same public centres (fixed data, 8 rounds): the first iteration's sums, the
+    last iteration's sums and sizes, and the scores."""
+    from fedprompt.secure.mpc_clustering import SecureClustering
+
+    settings = ClusteringSettings(dim=16, k_max=3, iterations=2, seed=3, timeout_s=90.0,
+                                  noise_multiplier=0.7)
+    stds = settings.noise_stds()
+    factor = np.sqrt(settings.n_parties / (settings.n_parties - 1))
+    x, _ = clustered(12, 16, 2, 0.4, seed=1)
+    xq = decode(encode(x))
+
+    def zero(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return np.zeros(shape)  # exact values under the same public thresholds
+
+    real = np.array([[1, 1, 0], [1, 1, 1]], dtype=bool)
+    z = {"sums": [], "last": [], "scores": []}
+    with SecureClustering(settings) as backend:
+        material = backend.client_material()
+        for round_id in range(1, 9):
+            got = backend.cluster(round_id, {c: seal(x[c], material, round_id, c)
+                                             for c in range(12)}).releases
+            seed = round_seed(settings.seed, round_id)
+            exact = dp_spherical_kmeans(xq, 3, 2, seed, noise=stds, draw=zero)
+            assert np.all(got.sums[0][~real] == 0)  # padding slots: no noise, nothing
+            z["sums"].append((got.sums[0] - exact.releases.sums[0])[real].ravel()
+                             / (stds.sums * factor))
+            given = dp_spherical_kmeans(xq, 3, 2, seed, noise=stds, draw=zero,
+                                        replay=Releases(sums=got.sums))
+            z["last"].append((got.last - given.releases.last)[real].ravel()
+                             / (stds.last * factor))
+            scored = dp_spherical_kmeans(xq, 3, 2, seed, noise=stds, draw=zero,
+                                         replay=Releases(sums=got.sums, last=got.last))
+            z["scores"].append((got.scores - scored.releases.scores) / (stds.scores * factor))
+    for name, parts in z.items():
+        sample = np.concatenate(parts)
+        assert stats.kstest(sample, "norm").pvalue > 1e-4, name
+        if len(sample) > 100:
+            assert 0.9 < sample.std() < 1.1, (name, sample.std())
 
 
 def test_server_object_holds_no_private_key(secure):
@@ -284,11 +384,11 @@ def test_bad_submissions_are_excluded_not_fatal(secure, caplog):
 
 def test_a_killed_party_fails_the_round_quickly_and_nothing_hangs(secure):
     """Runs last on the shared backend: afterwards its processes are gone."""
-    x, _ = clustered(40, 16, 3, 0.4, seed=9)
+    x, _ = clustered(400, 16, 3, 0.4, seed=9)  # a new size: traced first, then run
     material = secure.client_material()
-    subs = {cid: seal(x[cid], material, 3, cid) for cid in range(40)}
+    subs = {cid: seal(x[cid], material, 3, cid) for cid in range(400)}
     victim = secure.party_pids()[1]
-    killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
     killer.start()
     start = time.monotonic()
     with pytest.raises(ClusteringError, match="round 3 failed") as info:
@@ -305,10 +405,10 @@ def test_parties_restart_after_a_failure_and_refuse_replayed_shares():
     from fedprompt.secure.mpc_clustering import SecureClustering
 
     x, labels = clustered(20, 16, 2, 0.3, seed=12)
-    with SecureClustering(dataclasses.replace(SETTINGS, centroid_noise_multiplier=0.0)) as b:
+    with SecureClustering(SETTINGS) as b:
         material = b.client_material()
         ok = b.cluster(1, {c: seal(x[c], material, 1, c) for c in range(20)})
-        assert ok.k == 2 and ok.centroids is None
+        assert ok.k == 2 and not ok.private and len(ok.releases.sums) == 5
         replayed = {c: seal(x[c], material, 1, c) for c in range(20)}
         assert b.cluster(1, replayed).k == 2  # a round may be re-run with fresh seals
         again_old = b.cluster(1, {**replayed, 99: seal(x[0], material, 1, 99)})
@@ -367,7 +467,7 @@ def test_standalone_parties_started_from_the_command_line(tmp_path):
     try:
         settings = dataclasses.replace(
             SETTINGS, party_addresses=tuple(f"127.0.0.1:{p}" for p in ports),
-            auth_token=token, centroid_noise_multiplier=0.0)
+            auth_token=token)
         x, labels = clustered(18, 16, 3, 0.3, seed=21)
         with SecureClustering(settings) as backend:
             material = backend.client_material()

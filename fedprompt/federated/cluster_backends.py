@@ -1,8 +1,10 @@
 """The clustering backend of a run (``[clustering]``), and a client's sealed submission.
 
 Server side, :func:`build_backend` turns ``[clustering]`` into
-:class:`~fedprompt.secure.clustering.ClusteringSettings` and starts the backend (the
-secure one spawns, or connects to, the CrypTen compute parties). Client side,
+:class:`~fedprompt.secure.clustering.ClusteringSettings` (with the clustering's noise
+multiplier from :mod:`fedprompt.federated.cluster_privacy`: the same one the server
+accounts for) and starts the backend (the secure one spawns, or connects to, the CrypTen
+compute parties). Client side,
 :func:`seal_submission` reduces the client's domain-level prompt and seals the reduced
 vector with the backend's static ``seal`` and the public material the server forwarded:
 no backend object (and no compute party) is created on a client.
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor
 
 from fedprompt.config import RunConfig
+from fedprompt.federated.cluster_privacy import clustering_noise_multiplier
 from fedprompt.secure.clustering import (
     ClusteringBackend,
     ClusteringSettings,
@@ -57,7 +60,7 @@ def clustering_settings(config: RunConfig) -> ClusteringSettings:
         min_silhouette=c.min_silhouette, n_parties=c.parties, timeout_s=c.timeout, host=c.host,
         base_port=c.base_port, party_addresses=addresses,
         auth_token=os.environ.get(TOKEN_ENV, "") if addresses else "",
-        centroid_noise_multiplier=c.centroid_noise, centroid_clip=1.0,
+        noise_multiplier=clustering_noise_multiplier(config),
         startup_timeout_s=c.startup_timeout,
     )
 

@@ -10,7 +10,8 @@ Files written (all updated after every round, so an interrupted run keeps what i
 * ``rounds.csv`` (one row per round) and ``clients.csv`` (one row per round and client);
 * ``privacy_ledger.json``: each client's and the server's accountant epsilon per round,
   with the nominal epsilon beside it when the nominal recipe is used (clustered methods:
-  one more ledger per cluster, ``cluster-<id>``);
+  the clustering's accounted releases are entries of the server ledger, beside the
+  domain-prompt releases they compose with);
 * clustered methods (secfpp) add, per round, ``server.clusters`` (members, accepted,
   clipping, noise std and epsilon of every cluster), ``server.cluster_of`` (the cluster
   each client trained in), ``server.clustering`` (k, assignments, excluded clients,
@@ -48,6 +49,7 @@ from fedprompt.config import RunConfig
 from fedprompt.data.domains import client_domains
 from fedprompt.privacy.ledger import (
     LedgerEntry,
+    LedgerRegression,
     PrivacyLedger,
     client_party,
     client_round_entry,
@@ -97,7 +99,6 @@ class FederatedHistory:
         self.client_ledgers: dict[int, PrivacyLedger] = {}
         self.server_ledger = PrivacyLedger("server", config.privacy.delta)
         self.cluster_ledgers: dict[int, PrivacyLedger] = {}
-        self.centroid_ledger = PrivacyLedger("clustering-centroids", config.privacy.delta)
         #: known domain of every client (multi-domain data), for the adjusted Rand index
         self.domains = client_domains(config.data, num_clients) if config.data.domains else None
 
@@ -136,11 +137,19 @@ class FederatedHistory:
     def check_client_entry(self, client: int, metrics: dict[str, Any],
                            server_round: int) -> None:
         """:class:`~fedprompt.privacy.ledger.LedgerError` unless the entry a train reply
-        reports may be recorded in ``client``'s ledger (records nothing)."""
+        reports may be recorded in ``client``'s ledger (records nothing). A trained round
+        adds at least one step, so a client's cumulative step count must grow strictly
+        (a client that forgot its budget reports its old count again)."""
         entry = self.client_entry(client, metrics, server_round)
-        if entry is not None:
-            ledger = self.client_ledgers.get(client) or PrivacyLedger(client_party(client))
-            ledger.check(entry)
+        if entry is None:
+            return
+        ledger = self.client_ledgers.get(client) or PrivacyLedger(client_party(client))
+        ledger.check(entry)
+        if ledger.entries and entry.steps <= ledger.steps:
+            raise LedgerRegression(
+                f"{ledger.party}: round {server_round} reports {entry.steps} steps in all, no "
+                f"more than the {ledger.steps} already accounted by round "
+                f"{ledger.entries[-1].round}; a trained round adds steps")
 
     def record_train(self, server_round: int, replies: Sequence[ClientReply],
                      info: dict[str, Any]) -> None:
@@ -160,7 +169,10 @@ class FederatedHistory:
         if info.get("global_epsilon") is not None:
             self.server_ledger.record(self._aggregate_entry(
                 "server", "Gaussian noise on the clipped mean of shared updates",
-                float(info["global_epsilon"]), server_round))
+                float(info.get("aggregate_epsilon", info["global_epsilon"])), server_round,
+                info.get("aggregate_steps")))
+        for entry in info.get("ledger_entries", ()):  # further accounted releases (secfpp)
+            self.server_ledger.record(LedgerEntry(**entry))
         for cluster, cinfo in sorted(info.get("clusters", {}).items()):
             if cinfo.get("epsilon") is None:
                 continue
@@ -171,31 +183,19 @@ class FederatedHistory:
                 f"Gaussian noise on the clipped mean of cluster {cluster}'s updates "
                 f"({cinfo['members']} members, noise std {cinfo['noise_std']:.4g})",
                 float(cinfo["epsilon"]), server_round))
-        centroid_epsilon = (info.get("clustering") or {}).get("centroid_epsilon")
-        if centroid_epsilon is not None:
-            self.centroid_ledger.record(LedgerEntry(
-                party="clustering-centroids",
-                mechanism="Gaussian noise on the k cluster sums of the clients' unit-norm "
-                "reduced prompts (added by the compute parties before opening); bounds the "
-                "centroids only: k and the assignments are released without noise",
-                tensors=["reduced domain prompt"],
-                noise_multiplier=self.config.clustering.centroid_noise, clipping_norm=1.0,
-                sample_rate=self.config.federation.fraction_train,
-                steps=len(self.centroid_ledger.entries) + 1,
-                accountant=privacy.accountant, epsilon=float(centroid_epsilon),
-                delta=privacy.delta, round=server_round,
-            ))
         if "assignments_next" in info:
             info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
 
     def _aggregate_entry(self, party: str, mechanism: str, epsilon: float,
-                         server_round: int) -> LedgerEntry:
-        """A server-side release of the shared tensors (global, or one cluster's)."""
+                         server_round: int, steps: int | None = None) -> LedgerEntry:
+        """A server-side release of the shared tensors (global, or one cluster's);
+        ``steps``: the accountant's total (default: one per round)."""
         privacy = self.config.privacy
         return LedgerEntry(
             party=party, mechanism=mechanism, tensors=self.shared_names,
             noise_multiplier=self.server_noise, clipping_norm=privacy.server_clip_norm,
-            sample_rate=self.config.federation.fraction_train, steps=server_round,
+            sample_rate=self.config.federation.fraction_train,
+            steps=server_round if steps is None else int(steps),
             accountant=privacy.accountant, epsilon=epsilon, delta=privacy.delta,
             round=server_round,
             nominal_epsilon=privacy.epsilon if privacy.mode == "nominal" else None,
@@ -316,7 +316,6 @@ class FederatedHistory:
         atomic_write_text(out / "clients.csv", table.getvalue())
         ledgers = ([self.server_ledger]
                    + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
-                   + ([self.centroid_ledger] if self.centroid_ledger.private else [])
                    + [self.client_ledgers[c] for c in sorted(self.client_ledgers,
                                                              key=_client_order)])
         PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")

@@ -19,11 +19,14 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from fedprompt.secure.clustering import ClusteringError
+import numpy as np
 
-PROTOCOL = "fedprompt-secure-clustering/1"
+from fedprompt.secure.errors import ClusteringError
+
+PROTOCOL = "fedprompt-secure-clustering/2"  # 2: DP spherical k-means, releases
 _PREFIX = struct.Struct("<IQ")
 MAX_HEADER = 16 << 20
 MAX_PAYLOAD = 1 << 32
@@ -89,6 +92,27 @@ def recv_message(sock: socket.socket, timeout: float | None
         raise ChannelError("malformed message header: not an object with a type")
     payload = _recv_exact(sock, payload_len, deadline) if payload_len else b""
     return header, payload
+
+
+def pack_arrays(arrays: Sequence[np.ndarray]) -> tuple[list[list[int]], bytes]:
+    """Float64 arrays as (shapes, little-endian bytes) for a message payload."""
+    shapes = [list(np.shape(a)) for a in arrays]
+    data = b"".join(np.ascontiguousarray(a, dtype="<f8").tobytes() for a in arrays)
+    return shapes, data
+
+
+def unpack_arrays(shapes: Sequence[Sequence[int]], payload: bytes) -> list[np.ndarray]:
+    """The arrays :func:`pack_arrays` packed; ChannelError if the sizes disagree."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+    if 8 * sum(sizes) != len(payload):
+        raise ChannelError(f"payload of {len(payload)} bytes does not hold arrays of shapes "
+                           f"{list(shapes)}")
+    out, offset = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(np.frombuffer(payload, dtype="<f8", count=size, offset=offset)
+                   .reshape([int(d) for d in shape]).astype(np.float64))
+        offset += 8 * size
+    return out
 
 
 def _mac(token: str, *parts: bytes) -> str:

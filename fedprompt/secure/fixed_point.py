@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedprompt.secure.clustering import ShareRejected
+from fedprompt.secure.errors import ShareRejected
 
 PRECISION_BITS = 16
 SCALE = 1 << PRECISION_BITS
@@ -65,6 +65,18 @@ def check_vector(vector: object, dim: int, who: str = "vector") -> np.ndarray:
             f"{who} has L2 norm {norm:.4g} > {NORM_BOUND}: outside the fixed-point range of "
             "secure k-means (submit unit vectors, see reduce_prompt)")
     return arr
+
+
+def vector_sensitivity(dim: int, parties: int) -> float:
+    """An upper bound on the L2 norm of any vector the compute parties accept, i.e. on one
+    client's contribution to a cluster sum: the MPC range check compares the squared norm
+    computed with one truncation per coordinate (an error below ``parties`` units of
+    ``2^-16`` each) against ``NORM_BOUND^2``, so ``|x|^2 <= NORM_BOUND^2 + parties dim
+    2^-16``. (A truncation can also fail outright with probability about ``2^-31`` per
+    coordinate; the exact coordinate check still bounds such a vector by
+    ``sqrt(dim) COORD_BOUND``.) The plaintext backend checks exactly; it is accounted with
+    the same bound."""
+    return float(np.sqrt(NORM_BOUND ** 2 + parties * dim / SCALE))
 
 
 def check_dims(dim: int, n_clients: int | None = None) -> None:

@@ -1,5 +1,7 @@
 """The server side of secure clustering: relays sealed shares to the compute parties and
-learns only k and the assignments (plus DP-noised centroids where configured).
+learns only the DP clustering's releases (noisy cluster sums, silhouette scores and sizes;
+exact with the noise off), the public centres and k derived from them, and each
+client's label (a function of its own vector and the public centres).
 
 :class:`SecureClustering` either spawns its compute parties and the TTP as child
 processes on this machine (default; simulation and tests), or connects to parties already
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -41,16 +42,19 @@ from fedprompt.secure.clustering import (
     ClusteringSettings,
     ShareRejected,
     round_seed,
+    single_cluster,
 )
 from fedprompt.secure.control import (
     AuthenticationFailed,
     ChannelError,
+    pack_arrays,
     recv_message,
     send_message,
     server_handshake,
+    unpack_arrays,
 )
 from fedprompt.secure.fixed_point import check_dims
-from fedprompt.secure.kmeans import relabel
+from fedprompt.secure.kmeans import Releases
 from fedprompt.secure.sealing import KEY_BYTES, seal_vector, split_sealed
 
 log = logging.getLogger(__name__)
@@ -125,10 +129,9 @@ class SecureClustering:
         """Process ids of the spawned compute parties (rank order), then the TTP."""
         return [p.pid for p in self._procs]
 
-    def cluster(self, round_id: int, submissions: dict[int, bytes]) -> ClusteringResult:
-        if self._closed:
-            raise ClusteringError("this SecureClustering is closed")
-        start = time.perf_counter()
+    def _split_all(self, round_id: int, submissions: dict[int, bytes]) -> tuple[
+        dict[int, list[bytes]], dict[int, str]
+    ]:
         s = self.settings
         excluded: dict[int, str] = {}
         parts: dict[int, list[bytes]] = {}
@@ -138,22 +141,54 @@ class SecureClustering:
             except ShareRejected as exc:
                 excluded[cid] = str(exc)
                 log.warning("clustering round %d: client %d excluded: %s", round_id, cid, exc)
-        if not parts:
-            return ClusteringResult(k=0, assignments={}, excluded=excluded,
-                                    stats={"seconds": time.perf_counter() - start})
         check_dims(s.dim, len(parts))
+        return parts, excluded
+
+    def _request(self, round_id: int, header: dict[str, Any], parts: dict[int, list[bytes]],
+                 tail: bytes = b"") -> list[tuple[dict[str, Any], bytes]]:
+        if self._closed:
+            raise ClusteringError("this SecureClustering is closed")
         if not self._conns:
             self._start()
         try:
-            replies = self._exchange(round_id, parts)
+            return self._exchange(round_id, header, parts, tail)
         except ClusteringError as exc:
             self._recover()
             raise ClusteringError(f"secure clustering of round {round_id} failed: {exc}; "
                                   "the compute parties are restarted for the next round"
                                   ) from exc
+
+    def cluster(self, round_id: int, submissions: dict[int, bytes]) -> ClusteringResult:
+        """The DP clustering of the valid submissions; the parties make the releases even
+        when no submission is valid."""
+        start = time.perf_counter()
+        s = self.settings
+        parts, excluded = self._split_all(round_id, submissions)
+        if s.k_max == 1:
+            return single_cluster(sorted(parts), excluded)
+        stds = s.noise_stds()
+        header = {"type": "cluster", "k_max": s.k_max, "iterations": s.iterations,
+                  "seed": round_seed(s.seed, round_id), "min_silhouette": s.min_silhouette,
+                  "stds": {"sums": stds.sums, "last": stds.last, "scores": stds.scores}}
+        replies = self._request(round_id, header, parts)
         result = self._combine(round_id, replies, excluded)
         result.stats["seconds"] = time.perf_counter() - start
         return result
+
+    def assign(self, round_id: int, submissions: dict[int, bytes],
+               centres: np.ndarray) -> tuple[dict[int, int], dict[int, str]]:
+        """Each valid submission's label against the public ``centres`` (k, dim)."""
+        parts, excluded = self._split_all(round_id, submissions)
+        if not parts:
+            return {}, excluded
+        centres = np.asarray(centres, dtype=np.float64)
+        shapes, data = pack_arrays([centres])
+        replies = self._request(round_id, {"type": "assign", "centres_shape": shapes[0]},
+                                parts, data)
+        first = self._agree(round_id, replies, ("clients", "labels"), "assigned")
+        self._note_excluded(round_id, replies, excluded)
+        return ({int(c): int(lab) for c, lab in zip(first["clients"], first["labels"],
+                                                     strict=True)}, excluded)
 
     def close(self) -> None:
         if self._closed:
@@ -346,41 +381,37 @@ class SecureClustering:
         self._conns.clear()
 
     # -- one round --------------------------------------------------------------------------
-    def _exchange(self, round_id: int, parts: dict[int, list[bytes]]) -> list[dict[str, Any]]:
+    def _exchange(self, round_id: int, request: dict[str, Any],
+                  parts: dict[int, list[bytes]], tail: bytes
+                  ) -> list[tuple[dict[str, Any], bytes]]:
         s = self.settings
         clients = sorted(parts)
-        noise_share = 0.0
-        if s.centroid_noise_multiplier > 0:
-            # each party adds N(0, sigma^2 / (P - 1)): any P - 1 of them (all but the one
-            # looking) already give the full sigma = multiplier * clip
-            sigma = s.centroid_noise_multiplier * s.centroid_clip
-            noise_share = sigma / math.sqrt(s.n_parties - 1)
-        header = {"type": "cluster", "round": round_id, "dim": s.dim, "k_max": s.k_max,
-                  "iterations": s.iterations, "seed": round_seed(s.seed, round_id),
-                  "min_silhouette": s.min_silhouette, "verify_range": s.verify_range,
-                  "noise_std_share": noise_share, "clients": clients,
+        header = {**request, "round": round_id, "dim": s.dim,
+                  "verify_range": s.verify_range, "clients": clients,
                   "deadline_s": s.timeout_s}
         deadline = time.monotonic() + s.timeout_s
         for rank, conn in enumerate(self._conns):
             blobs = [parts[c][rank] for c in clients]
             try:
                 send_message(conn, {**header, "sizes": [len(b) for b in blobs]},
-                             b"".join(blobs), timeout=max(1.0, deadline - time.monotonic()))
+                             b"".join(blobs) + tail,
+                             timeout=max(1.0, deadline - time.monotonic()))
             except ChannelError as exc:
                 raise ClusteringError(f"party {rank}: {exc}{self._exit_note(rank)}") from exc
         replies = []
         for rank, conn in enumerate(self._conns):
             try:
-                reply, _ = recv_message(conn, max(0.1, deadline - time.monotonic()))
+                reply, data = recv_message(conn, max(0.1, deadline - time.monotonic()))
             except ChannelError as exc:
                 raise ClusteringError(f"party {rank}: {exc}{self._exit_note(rank)}") from exc
             if reply.get("type") == "error":
                 raise ClusteringError(f"party {rank} reported: {reply.get('message')}"
                                       f"{self._dead_note()}")
-            if reply.get("type") != "result" or reply.get("round") != round_id:
+            expected = "result" if request["type"] == "cluster" else "assigned"
+            if reply.get("type") != expected or reply.get("round") != round_id:
                 raise ClusteringError(f"party {rank} sent an unexpected reply "
                                       f"{reply.get('type')!r} for round {reply.get('round')}")
-            replies.append(reply)
+            replies.append((reply, data))
         return replies
 
     def _exit_note(self, rank: int) -> str:
@@ -401,16 +432,29 @@ class SecureClustering:
                 for name, p in zip(names, self._procs, strict=True) if p.poll() is not None]
         return f" [{'; '.join(dead)}]" if dead else ""
 
-    def _combine(self, round_id: int, replies: list[dict[str, Any]],
-                 excluded: dict[int, str]) -> ClusteringResult:
-        first = replies[0]
-        for rank, reply in enumerate(replies[1:], start=1):
-            for key in ("clients", "chosen", "dropped", "range_violations"):
-                if reply[key] != first[key]:
+    @staticmethod
+    def _agree(round_id: int, replies: list[tuple[dict[str, Any], bytes]],
+               keys: tuple[str, ...], what: str) -> dict[str, Any]:
+        """The first reply, after checking every party returned the same ``keys`` and the
+        same payload (all parties open the same values and derive the same public
+        state)."""
+        first, data = replies[0]
+        for rank, (reply, other) in enumerate(replies[1:], start=1):
+            for key in (*keys, "dropped", "range_violations"):
+                if reply.get(key) != first.get(key):
                     raise ClusteringError(f"compute parties 0 and {rank} disagree on {key!r} "
-                                          f"in round {round_id}")
+                                          f"in round {round_id} ({what})")
+            if other != data:
+                raise ClusteringError(f"compute parties 0 and {rank} disagree on the released "
+                                      f"values in round {round_id} ({what})")
+        return first
+
+    @staticmethod
+    def _note_excluded(round_id: int, replies: list[tuple[dict[str, Any], bytes]],
+                       excluded: dict[int, str]) -> None:
+        first = replies[0][0]
         reasons: dict[int, list[str]] = {}
-        for rank, reply in enumerate(replies):
+        for rank, (reply, _) in enumerate(replies):
             for cid, why in reply["rejected"].items():
                 reasons.setdefault(int(cid), []).append(f"party {rank}: {why}")
         for cid in first["dropped"]:
@@ -421,32 +465,39 @@ class SecureClustering:
         for cid in sorted(set(first["dropped"]) | set(first["range_violations"])):
             log.warning("clustering round %d: client %d excluded: %s", round_id, cid,
                         excluded[int(cid)])
+
+    def _combine(self, round_id: int, replies: list[tuple[dict[str, Any], bytes]],
+                 excluded: dict[int, str]) -> ClusteringResult:
+        first = self._agree(round_id, replies, ("clients", "k", "labels", "shapes"),
+                            "clustering")
+        self._note_excluded(round_id, replies, excluded)
         clients = [int(c) for c in first["clients"]]
         stats: dict[str, float] = {"clients": float(len(clients))}
-        for rank, reply in enumerate(replies):
+        for rank, (reply, _) in enumerate(replies):
             for key, value in reply["stats"].items():
                 stats[f"party{rank}_{key}"] = float(value)
         # CrypTen counts every byte once at the sender and once at the receiver
-        stats["comm_bytes"] = sum(float(r["stats"]["comm_bytes"]) for r in replies) / 2
-        if not clients:
-            return ClusteringResult(k=0, assignments={}, excluded=excluded, stats=stats)
-        chosen = np.asarray(first["chosen"], dtype=np.int64)
+        stats["comm_bytes"] = sum(float(r["stats"]["comm_bytes"]) for r, _ in replies) / 2
         try:
-            labels, k = relabel(chosen)
-        except ValueError as exc:
-            raise ClusteringError(f"round {round_id}: the revealed assignment is invalid: "
-                                  f"{exc}") from exc
-        stats["k_chosen"] = float(int(np.flatnonzero(chosen.any(0)).max()) + 1)
-        centroids = None
-        if first["noisy_sums"] is not None:
-            sums = np.asarray(first["noisy_sums"], dtype=np.float64)
-            slots = chosen.argmax(1)
-            order: list[int] = []
-            for slot in slots.tolist():
-                if slot not in order:
-                    order.append(slot)
-            counts = np.bincount(labels, minlength=k).astype(np.float64)
-            centroids = sums[order] / counts[:, None]
+            arrays = unpack_arrays(first["shapes"], replies[0][1])
+        except ChannelError as exc:
+            raise ClusteringError(f"round {round_id}: {exc}") from exc
+        s = self.settings
+        n_sums = s.iterations - 1
+        if len(arrays) != n_sums + 4 + int(bool(first["has_centres"])):
+            raise ClusteringError(f"round {round_id}: the parties returned {len(arrays)} "
+                                  "arrays, not the releases of this configuration")
+        releases = Releases(sums=arrays[:n_sums], last=arrays[n_sums],
+                            scores=arrays[n_sums + 1])
+        counts, criterion = arrays[n_sums + 2], arrays[n_sums + 3]
+        centres = arrays[n_sums + 4] if first["has_centres"] else None
+        k = int(first["k"])
+        labels = [int(v) for v in first["labels"]]
+        if len(labels) != len(clients) or any(not 0 <= v < k for v in labels):
+            raise ClusteringError(f"round {round_id}: the revealed labels are invalid "
+                                  f"(k = {k}, {len(labels)} labels for {len(clients)} "
+                                  "clients)")
         return ClusteringResult(
-            k=k, assignments={cid: int(lab) for cid, lab in zip(clients, labels, strict=True)},
-            excluded=excluded, centroids=centroids, stats=stats)
+            k=k, assignments=dict(zip(clients, labels, strict=True)), excluded=excluded,
+            centres=centres, counts=counts, criterion=criterion, releases=releases,
+            private=s.private, stats=stats)

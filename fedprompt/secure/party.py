@@ -239,11 +239,12 @@ class ComputeParty:
             elif kind == "bye":
                 send_message(conn, {"type": "bye"})
                 return None
-            elif kind == "cluster":
+            elif kind in ("cluster", "assign"):
                 deadline = float(header.get("deadline_s", 120.0))
                 self.watchdog.start(deadline + 10.0, f"clustering round {header.get('round')}")
                 try:
-                    reply = self._cluster(header, payload)
+                    handler = self._cluster if kind == "cluster" else self._assign
+                    reply, data = handler(header, payload)
                 except ShareRejected as exc:  # a refused request; the group is intact
                     self.watchdog.cancel()
                     send_message(conn, {"type": "error", "message": str(exc), "fatal": False})
@@ -255,7 +256,7 @@ class ComputeParty:
                                             "message": f"{type(exc).__name__}: {exc}"})
                     return EXIT_ERROR
                 self.watchdog.cancel()
-                send_message(conn, reply)
+                send_message(conn, reply, data)
             else:
                 send_message(conn, {"type": "error", "fatal": False,
                                     "message": f"unknown request {kind!r}"})
@@ -296,13 +297,15 @@ class ComputeParty:
                         self.provider.misses)
         return result
 
-    def _cluster(self, h: dict[str, Any], payload: bytes) -> dict[str, Any]:
-        from fedprompt.secure.mpc_kmeans import range_violations, secure_adaptive_kmeans
+    def _inputs(self, h: dict[str, Any], payload: bytes, stats: dict[str, float]) -> tuple[
+        list[int], list[int], list[np.ndarray], dict[int, str], list[int], list[int]
+    ]:
+        """Decrypt this party's parts of a request, agree with the other parties on who
+        is dropped, and check the range under MPC: (clients, kept indices, rows,
+        local failures, dropped clients, range violators)."""
+        from fedprompt.secure.mpc_kmeans import range_violations
 
-        crypten = self.crypten
-        comm = crypten.comm.get()
-        comm.reset_communication_stats()
-        started = time.perf_counter()
+        comm = self.crypten.comm.get()
         round_id = int(h["round"])
         dim = int(h["dim"])
         clients = [int(c) for c in h["clients"]]
@@ -331,38 +334,90 @@ class ComputeParty:
         flags = torch.tensor([1 if c in local_bad else 0 for c in clients], dtype=torch.long)
         agreed = comm.all_reduce(flags) if clients else flags
         keep = [i for i in range(len(clients)) if int(agreed[i]) == 0]
-        stats: dict[str, float] = {}
+        dropped = [clients[i] for i in range(len(clients)) if int(agreed[i])]
         range_bad: list[int] = []
-        mpc = crypten.mpc.MPCTensor
         if keep and bool(h.get("verify_range", True)):
             share = torch.from_numpy(np.stack([rows[i] for i in keep]))
-            x = mpc.from_shares(share, precision=16)
+            x = self.crypten.mpc.MPCTensor.from_shares(share, precision=16)
             violated = self._phase(("range", len(keep), dim), tuple(share.shape),
                                    range_violations, x, stats)
             range_bad = [clients[keep[i]] for i in np.flatnonzero(violated)]
             keep = [keep[i] for i in range(len(keep)) if not violated[i]]
-        chosen: list[list[int]] = []
-        noisy: list[list[float]] | None = None
-        if keep:
-            share = torch.from_numpy(np.stack([rows[i] for i in keep]))
-            x = mpc.from_shares(share, precision=16)
-            noise_share = float(h.get("noise_std_share", 0.0))
-            args = (int(h["k_max"]), int(h["iterations"]), int(h["seed"]),
-                    float(h["min_silhouette"]), len(keep), noise_share)
-            outcome = self._phase(
-                ("kmeans", len(keep), dim, *args[:2], noise_share > 0), tuple(share.shape),
-                lambda t: secure_adaptive_kmeans(t, *args), x, stats)
-            chosen = np.rint(outcome.chosen).astype(int).tolist()
-            if outcome.noisy_sums is not None:
-                noisy = outcome.noisy_sums.tolist()
+        return clients, keep, rows, local_bad, dropped, range_bad
+
+    def _cluster(self, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """One clustering run: the DP releases are made whoever takes part (with nobody
+        left, on one public zero row whose count is removed)."""
+        from fedprompt.privacy.noise import SecureRandom
+        from fedprompt.secure.control import pack_arrays
+        from fedprompt.secure.kmeans import NoiseStds
+        from fedprompt.secure.mpc_kmeans import secure_dp_kmeans
+
+        comm = self.crypten.comm.get()
+        comm.reset_communication_stats()
+        started = time.perf_counter()
+        stats: dict[str, float] = {}
+        clients, keep, rows, local_bad, dropped, range_bad = self._inputs(h, payload, stats)
+        dim, k_max, iterations = int(h["dim"]), int(h["k_max"]), int(h["iterations"])
+        stds = NoiseStds(**{k: float(v) for k, v in h["stds"].items()})
+        mpc = self.crypten.mpc.MPCTensor
+        dummy = not keep
+        share = (torch.zeros(1, dim, dtype=torch.long) if dummy
+                 else torch.from_numpy(np.stack([rows[i] for i in keep])))
+        x = mpc.from_shares(share, precision=16)
+        noise = SecureRandom()  # this party's own noise stream, keyed from the OS
+        outcome = self._phase(
+            ("kmeans", int(share.shape[0]), dim, k_max, iterations), tuple(share.shape),
+            lambda t: secure_dp_kmeans(t, k_max, iterations, int(h["seed"]),
+                                       float(h["min_silhouette"]), stds, self.parties,
+                                       noise, dummy=dummy), x, stats)
+        releases = outcome.releases
+        arrays = [*releases.sums, releases.last, releases.scores, outcome.counts,
+                  outcome.criterion]
+        if outcome.centres is not None:
+            arrays.append(outcome.centres)
+        shapes, data = pack_arrays(arrays)
         comm_stats = comm.get_communication_stats()
         stats.update(seconds=time.perf_counter() - started, comm_rounds=comm_stats["rounds"],
                      comm_bytes=float(comm_stats["bytes"]), comm_seconds=comm_stats["time"])
-        return {"type": "result", "round": round_id, "rank": self.rank,
-                "clients": [clients[i] for i in keep], "chosen": chosen,
-                "noisy_sums": noisy, "rejected": {str(c): r for c, r in local_bad.items()},
-                "dropped": [clients[i] for i in range(len(clients)) if int(agreed[i])],
-                "range_violations": range_bad, "stats": stats}
+        return {"type": "result", "round": int(h["round"]), "rank": self.rank,
+                "clients": [clients[i] for i in keep], "k": outcome.k,
+                "labels": [int(v) for v in outcome.labels], "shapes": shapes,
+                "has_centres": outcome.centres is not None,
+                "rejected": {str(c): r for c, r in local_bad.items()},
+                "dropped": dropped, "range_violations": range_bad, "stats": stats}, data
+
+    def _assign(self, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Labels of the clients against public centres (the payload's tail); nothing
+        else is opened."""
+        from fedprompt.secure.control import unpack_arrays
+        from fedprompt.secure.mpc_kmeans import secure_assign
+
+        comm = self.crypten.comm.get()
+        comm.reset_communication_stats()
+        started = time.perf_counter()
+        stats: dict[str, float] = {}
+        cut = len(payload) - 8 * int(np.prod(h["centres_shape"]))
+        if cut < 0:
+            raise ShareRejected("request payload is shorter than its centres")
+        (centres,) = unpack_arrays([h["centres_shape"]], payload[cut:])
+        clients, keep, rows, local_bad, dropped, range_bad = self._inputs(
+            h, payload[:cut], stats)
+        labels: list[int] = []
+        if keep:
+            share = torch.from_numpy(np.stack([rows[i] for i in keep]))
+            x = self.crypten.mpc.MPCTensor.from_shares(share, precision=16)
+            found = self._phase(("assign", len(keep), int(h["dim"]), centres.shape[0]),
+                                tuple(share.shape), lambda t: secure_assign(t, centres), x,
+                                stats)
+            labels = [int(v) for v in found]
+        comm_stats = comm.get_communication_stats()
+        stats.update(seconds=time.perf_counter() - started, comm_rounds=comm_stats["rounds"],
+                     comm_bytes=float(comm_stats["bytes"]), comm_seconds=comm_stats["time"])
+        return {"type": "assigned", "round": int(h["round"]), "rank": self.rank,
+                "clients": [clients[i] for i in keep], "labels": labels,
+                "rejected": {str(c): r for c, r in local_bad.items()},
+                "dropped": dropped, "range_violations": range_bad, "stats": stats}, b""
 
 
 def _parse_address(text: str) -> tuple[str, int]:

@@ -2,7 +2,9 @@
 
 For debugging, tests and the comparison with the secure backend only. It runs exactly the
 algorithm of :mod:`fedprompt.secure.kmeans` that the compute parties run under MPC, with
-the same validation, so both backends give the same partition on well-separated data.
+the same validation and the same Gaussian releases (noise from a CSPRNG), so both
+backends give the same partition on well-separated data when the noise is off. Its
+releases are DP against everyone but the server, which sees every vector.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from fedprompt.secure.clustering import (
     ClusteringSettings,
     ShareRejected,
     round_seed,
+    single_cluster,
 )
 from fedprompt.secure.fixed_point import check_dims, check_vector
-from fedprompt.secure.kmeans import adaptive_kmeans
+from fedprompt.secure.kmeans import NoiseDraw, Releases, assign, dp_spherical_kmeans
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +40,29 @@ def _settings(settings: ClusteringSettings | None, overrides: dict[str, Any]
     return replace(base, **overrides) if overrides else base
 
 
+def secure_draw() -> NoiseDraw:
+    """Gaussian draws from a CSPRNG stream keyed by the OS (float64)."""
+    from fedprompt.privacy.noise import SecureRandom
+
+    stream = SecureRandom()
+
+    def draw(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return stream.normal(tuple(shape), std).numpy()
+
+    return draw
+
+
 class PlaintextClustering:
     """INSECURE: submissions are plain float vectors the server reads."""
 
     insecure = True
 
-    def __init__(self, settings: ClusteringSettings | None = None, **overrides: Any) -> None:
+    def __init__(self, settings: ClusteringSettings | None = None, *,
+                 draw: NoiseDraw | None = None, **overrides: Any) -> None:
+        """``draw`` (tests) replaces the CSPRNG noise source (:func:`secure_draw`)."""
         self.settings = _settings(settings, overrides)
         check_dims(self.settings.dim)
+        self.draw = draw if draw is not None else secure_draw()
 
     def client_material(self) -> dict[str, bytes]:
         return {"backend": b"plaintext", "dim": str(self.settings.dim).encode()}
@@ -73,8 +91,9 @@ class PlaintextClustering:
         values = np.frombuffer(blob, dtype="<f8", offset=_HEADER.size)
         return check_vector(values, dim, who="submitted vector")
 
-    def cluster(self, round_id: int, submissions: dict[int, bytes]) -> ClusteringResult:
-        start = time.perf_counter()
+    def _open_all(self, round_id: int, submissions: dict[int, bytes]) -> tuple[
+        list[int], list[np.ndarray], dict[int, str]
+    ]:
         excluded: dict[int, str] = {}
         rows: list[np.ndarray] = []
         ids: list[int] = []
@@ -85,29 +104,35 @@ class PlaintextClustering:
             except ShareRejected as exc:
                 excluded[cid] = str(exc)
                 log.warning("clustering round %d: client %d excluded: %s", round_id, cid, exc)
-        if not ids:
-            return ClusteringResult(k=0, assignments={}, excluded=excluded,
-                                    stats={"seconds": time.perf_counter() - start})
         check_dims(self.settings.dim, len(ids))
+        return ids, rows, excluded
+
+    def cluster(self, round_id: int, submissions: dict[int, bytes], *,
+                replay: Releases | None = None) -> ClusteringResult:
+        """``replay`` (tests: the neighbouring-dataset recipe) forces every released value
+        to the given ones instead of drawing noise."""
+        start = time.perf_counter()
+        ids, rows, excluded = self._open_all(round_id, submissions)
         s = self.settings
-        outcome = adaptive_kmeans(np.stack(rows), s.k_max, s.iterations,
-                                  round_seed(s.seed, round_id), s.min_silhouette)
-        centroids = None
-        if s.centroid_noise_multiplier > 0:
-            rng = np.random.default_rng()
-            x = np.stack(rows)
-            counts = np.bincount(outcome.labels, minlength=outcome.k)
-            sums = np.stack([x[outcome.labels == j].sum(0) for j in range(outcome.k)])
-            noise = rng.normal(0.0, s.centroid_noise_multiplier * s.centroid_clip, sums.shape)
-            centroids = (sums + noise) / counts[:, None]
+        if s.k_max == 1:
+            return single_cluster(ids, excluded)
+        x = np.stack(rows) if rows else np.zeros((0, s.dim))
+        outcome = dp_spherical_kmeans(x, s.k_max, s.iterations, round_seed(s.seed, round_id),
+                                      s.min_silhouette, s.noise_stds(), self.draw, replay)
         return ClusteringResult(
             k=outcome.k,
             assignments={cid: int(lab) for cid, lab in zip(ids, outcome.labels, strict=True)},
-            excluded=excluded,
-            centroids=centroids,
-            stats={"seconds": time.perf_counter() - start, "k_chosen": float(outcome.k_chosen),
-                   "clients": float(len(ids))},
+            excluded=excluded, centres=outcome.centres, counts=outcome.counts,
+            criterion=outcome.criterion, releases=outcome.releases, private=s.private,
+            stats={"seconds": time.perf_counter() - start, "clients": float(len(ids))},
         )
+
+    def assign(self, round_id: int, submissions: dict[int, bytes],
+               centres: np.ndarray) -> tuple[dict[int, int], dict[int, str]]:
+        ids, rows, excluded = self._open_all(round_id, submissions)
+        x = np.stack(rows) if rows else np.zeros((0, self.settings.dim))
+        labels = assign(x, np.asarray(centres, dtype=np.float64))
+        return {cid: int(lab) for cid, lab in zip(ids, labels, strict=True)}, excluded
 
     def close(self) -> None:
         return None
