@@ -375,6 +375,17 @@ def test_the_server_takes_replies_only_from_addressed_nodes_once(tmp_path: Path)
     assert [e.epsilon for e in server.history.client_ledgers[1].entries] == [1.0]
     assert set(server.history.rounds[2]["train"]) == {"node-11", "node-12"}
 
+    # a client that forgot its budget reports its first round's figures again: refused
+    server.address(3, "train", [12])
+    server.aggregate(3, [reply(12, 1, 1.0, 4)])
+    assert server.history.rounds[3]["server"]["accepted"] == 0
+    assert "a trained round adds steps" in server.history.rounds[3]["server"]["rejected"][0][
+        "reason"]
+    server.address(4, "train", [12])
+    server.aggregate(4, [reply(12, 1, 1.4, 8)])
+    assert server.history.rounds[4]["server"]["accepted"] == 1
+    assert [e.epsilon for e in server.history.client_ledgers[1].entries] == [1.0, 1.4]
+
 
 def test_in_process_grids_are_separate_runs() -> None:
     a, b = InProcessGrid(client_app, 1), InProcessGrid(client_app, 1)
