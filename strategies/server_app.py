@@ -21,6 +21,7 @@ from fedprompt.federated import METHODS, FederatedServer, build_method_learner
 from fedprompt.federated.client import cached_backbone
 from fedprompt.federated.cluster_backends import build_backend
 from fedprompt.federated.clustered import ClusteredServer
+from fedprompt.federated.methods import local_dp_names
 from fedprompt.results import create_run_dir
 from fedprompt.secure.clustering import ClusteringBackend
 from fedprompt.seeding import seed_everything
@@ -48,9 +49,9 @@ def build_server(config: RunConfig, num_clients: int,
             log.warning("clustering backend %s is INSECURE: the server reads every client's "
                         "reduced prompt (debugging and tests only)", type(backend).__name__)
         return ClusteredServer(config, learner.shared_state(), num_clients,
-                               learner.local_dp_names(), backend=backend)
+                               local_dp_names(config, learner), backend=backend)
     return FederatedServer(config, learner.shared_state(), num_clients,
-                           learner.local_dp_names())
+                           local_dp_names(config, learner))
 
 
 def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +36,16 @@ from fedprompt.federated.cluster_backends import (
     PromptTrace,
     seal_submission,
 )
-from fedprompt.federated.methods import build_method_learner
+from fedprompt.federated.methods import build_method_learner, local_dp_names
 from fedprompt.privacy.accounting import (
     Accountant,
     calibrate_noise,
     nominal_noise_multiplier,
 )
 from fedprompt.privacy.dp_sgd import DPLocalTrainer, PoissonBatches, poisson_plan
+from fedprompt.privacy.noise import SecureRandom
 from fedprompt.prompts import TensorRole
-from fedprompt.seeding import batch_seed, derived_seed
+from fedprompt.seeding import batch_seed
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import LocalTrainer
 
@@ -91,9 +91,9 @@ class ClientState:
     personal: dict[str, Tensor] = field(default_factory=dict)
     optimizer: bytes = b""  # optimizer + LR schedule state (torch.save)
     accountant: str = ""  # accountant history (JSON)
-    generator: bytes = b""  # DP noise generator state
+    generator: bytes = b""  # DP noise stream state (reproducible streams only)
     learner_rng: bytes = b""  # the learner's own generator (DP-FPL's power method)
-    batch_rng: str = ""  # the batch-order / Poisson-sampling generator (JSON)
+    batch_rng: str = ""  # batch-order generator / Poisson-sampling stream state (JSON)
     rounds_trained: int = 0
     first_update: bytes = b""  # shared-tensor change of the first round (clustering input)
     last_round: int = 0  # the last server round trained; a message for it or before is refused
@@ -236,17 +236,15 @@ class ClientSession:
             learner_rng.set_state(_load_tensor(state.learner_rng or self.initial_learner_rng))
         return state
 
-    def _generator(self, saved: bytes, purpose: str) -> torch.Generator:
-        """A generator continuing from ``saved``, else freshly seeded: from the run seed
-        where noise must be reproducible, from the OS's CSPRNG otherwise."""
-        generator = torch.Generator()
+    def _dp_random(self, saved: str, purpose: str) -> SecureRandom:
+        """The DP randomness (noise, Poisson sampling) of this client: a CSPRNG stream
+        keyed from the OS, or, where noise must be reproducible, a stream keyed by the run
+        seed that continues across rounds from ``saved``."""
         if saved:
-            generator.set_state(_load_tensor(saved))
-        elif self.config.privacy.reproducible_noise:
-            generator.manual_seed(derived_seed(self.config.seed, purpose, self.partition_id))
-        else:
-            generator.manual_seed(secrets.randbits(63))
-        return generator
+            return SecureRandom.from_state(saved)
+        if self.config.privacy.reproducible_noise:
+            return SecureRandom.from_seed(self.config.seed, purpose, self.partition_id)
+        return SecureRandom()
 
     # -------------------------------------------------------------------- train
     @property
@@ -258,15 +256,21 @@ class ClientSession:
         """The non-private local trainer (subclasses with another model override it)."""
         return LocalTrainer(self.classifier, self.config.train, total_steps)
 
+    def dp_names(self) -> list[str]:
+        """The tensors local DP clips (jointly) and noises: every tensor this client
+        trains, except in the labelled nominal mode (the papers' layout)."""
+        return local_dp_names(self.config, self.learner)
+
     def _dp_trainer(self, total_steps: int, noise: float, accountant: Accountant,
-                    generator: torch.Generator) -> LocalTrainer:
+                    noise_source: SecureRandom) -> LocalTrainer:
         """The DP-SGD local trainer (subclasses with another model override it)."""
         privacy = self.config.privacy
         return DPLocalTrainer(
             self.classifier, self.config.train, total_steps, noise_multiplier=noise,
             clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
             expected_batch_size=self.sample_rate * self.num_examples,
-            accountant=accountant, generator=generator, chunk=privacy.per_sample_chunk,
+            accountant=accountant, noise=noise_source, chunk=privacy.per_sample_chunk,
+            private_names=self.dp_names(),
         )
 
     def train(self, shared: dict[str, Tensor], state: ClientState | None,
@@ -292,10 +296,7 @@ class ClientSession:
             "server-round": server_round,
         }
         total_steps = self.planned_steps
-        generator = self._generator(state.generator, "noise")
-        sampling_seed = (batch_seed(config.seed, self.partition_id)
-                         if config.privacy.reproducible_noise or not self.local_dp
-                         else secrets.randbits(63))
+        noise_source = self._dp_random(state.generator.decode(), "noise")
         device = self.batch_device
         if self.local_dp:
             noise = self.local_noise_multiplier()
@@ -309,17 +310,19 @@ class ClientSession:
                 metrics |= {"declined": 1, "epsilon": accountant.epsilon(config.privacy.delta),
                             "steps": 0}
                 return TrainOutcome({}, metrics, state, reason)
-            trainer = self._dp_trainer(total_steps, noise, accountant, generator)
+            trainer = self._dp_trainer(total_steps, noise, accountant, noise_source)
+            sampling = self._dp_random(state.batch_rng, "sampling")
             batches: Any = PoissonBatches(self.train_features, self.train_labels,
                                           self.sample_rate, self.steps_per_epoch,
-                                          seed=sampling_seed, device=device)
+                                          rng=sampling, device=device)
         else:
             trainer = self._trainer(total_steps)
             batches = FeatureBatches(self.train_features, self.train_labels,
                                      config.train.batch_size, shuffle=True,
-                                     seed=sampling_seed, device=device)
-        if state.batch_rng:  # batch order continues across rounds, as epochs do one-site
-            batches.rng.bit_generator.state = json.loads(state.batch_rng)
+                                     seed=batch_seed(config.seed, self.partition_id),
+                                     device=device)
+            if state.batch_rng:  # batch order continues across rounds, as epochs do
+                batches.rng.bit_generator.state = json.loads(state.batch_rng)
         if state.optimizer:
             trainer.load_state_dict(torch.load(io.BytesIO(state.optimizer), weights_only=True))
         learner_rng = getattr(self.learner, "generator", None)
@@ -342,10 +345,11 @@ class ClientSession:
             personal={k: v.cpu() for k, v in self.learner.personal_state().items()},
             optimizer=_dump(trainer.state_dict()),
             accountant=accountant.to_json(),
-            generator=_dump(generator.get_state()),
+            generator=noise_source.state().encode(),
             learner_rng=_dump(learner_rng.get_state())
             if isinstance(learner_rng, torch.Generator) else b"",
-            batch_rng=json.dumps(batches.rng.bit_generator.state),
+            batch_rng=(batches.rng.state() if isinstance(batches, PoissonBatches)
+                       else json.dumps(batches.rng.bit_generator.state)),
             rounds_trained=state.rounds_trained + 1,
             last_round=server_round,
             first_update=state.first_update or (_dump(update) if update else b""),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from fedprompt.federated.aggregation import (
 from fedprompt.federated.history import FederatedHistory, node_label
 from fedprompt.privacy.accounting import Accountant, calibrate_noise, nominal_noise_multiplier
 from fedprompt.privacy.ledger import LedgerError
+from fedprompt.privacy.noise import SecureRandom
 from fedprompt.seeding import derived_seed
 
 log = logging.getLogger("fedprompt.server")
@@ -95,8 +95,10 @@ class FederatedServer:
         reproducible = privacy.reproducible_noise or privacy.mode == "off"
         self.generator = noise_generator(
             derived_seed(config.seed, "server-noise") if reproducible else None)
-        self.sampler = np.random.default_rng(
-            derived_seed(config.seed, "sampling") if reproducible else secrets.randbits(63))
+        # which clients a round samples is as secret as the noise (privacy amplification
+        # by sampling assumes it): a CSPRNG stream as well
+        self.sampler = (SecureRandom.from_seed(config.seed, "client-sampling") if reproducible
+                        else SecureRandom())
         self.history = FederatedHistory(config, num_clients, self.noise_multiplier,
                                         list(self.shared), local_dp_names)
         self._node_clients: dict[int, int] = {}  # authenticated node id -> client id
@@ -109,7 +111,7 @@ class FederatedServer:
         nodes = sorted(node_ids)
         if self.sample_rate >= 1.0:
             return nodes
-        keep = self.sampler.random(len(nodes)) < self.sample_rate
+        keep = self.sampler.uniform(len(nodes)) < self.sample_rate
         return [n for n, k in zip(nodes, keep, strict=True) if k]
 
     # ------------------------------------------------------------- per-node hooks
