@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedprompt.secure.fixed_point import SCALE
+from fedprompt.secure.fixed_point import NORM_BOUND, SCALE
 from fedprompt.seeding import derived_seed
 
 #: added to the score of padding slots (so they never win); scores lie in [-1.01, 1.01]
@@ -174,9 +174,14 @@ def next_centres(noisy_sums: np.ndarray, centres: np.ndarray, threshold: float,
 
 def cluster_means(noisy_last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """From the last iteration's released ``[sums | count]`` (G, k_max, dim + 1): the
-    public cluster means ``sum / max(count, 1)`` and the counts."""
+    public cluster means ``sum / max(count, 1)``, shrunk into the ball of radius
+    ``NORM_BOUND`` (a true mean of vectors in it lies in it; noise may push it out, and
+    bounded means keep every fixed-point intermediate of the silhouette small), and the
+    counts."""
     counts = noisy_last[..., -1]
-    return noisy_last[..., :-1] / np.maximum(counts, 1.0)[..., None], counts
+    means = noisy_last[..., :-1] / np.maximum(counts, 1.0)[..., None]
+    norms = np.linalg.norm(means, axis=-1, keepdims=True)
+    return means * np.minimum(1.0, NORM_BOUND / np.maximum(norms, 1e-300)), counts
 
 
 def silhouette_factors(counts: np.ndarray, real: np.ndarray, threshold: float) -> tuple[
