@@ -11,31 +11,35 @@ the client itself goes through a Gaussian mechanism (accounted by the caller,
 those releases only (the "billboard" structure of joint DP: what any *other* client gets
 is post-processing of DP releases).
 
-1. **Public initialisation.** Candidate ``k`` runs ``k = 2 .. k_max`` (groups
-   ``g = k - 2``, ``G = k_max - 1`` of them) start from public random unit vectors drawn
-   from the seed (:func:`initial_centres`; group ``g`` uses the first ``k`` of them).
-   Nothing data-dependent (farthest-first traversal was, and had to go).
+1. **Public initialisation.** Candidate ``k = 2 .. k_max`` runs (groups ``g = k - 2``,
+   ``G = k_max - 1`` of them) start from public random unit vectors drawn from the seed
+   (:func:`initial_centres`; group ``g`` uses the first ``k`` of them). Nothing
+   data-dependent (farthest-first traversal was, and had to go). Public centres are kept
+   on the fixed-point grid (:func:`on_grid`), so labels under MPC are exact.
 2. **Lloyd iterations, every k at once** (``iterations`` times): each client's label in
    each group is the first argmax of ``<x_i, c_j>`` over the group's public centres
    (secret under MPC); the per-cluster sums of the ``x_i`` are released with Gaussian
    noise (one release for all groups: a client adds ``x_i`` to one slot of each group,
    so the L2 sensitivity is ``sqrt(G) B``); the new public centres are the normalised
-   noisy sums (an exactly empty, noiseless sum keeps its centre).
-3. **Final labels** against the last public centres, and per client the **simplified
-   silhouette** ``s_i = (b_i - a_i) / (b_i + eps)`` with ``a_i``, ``b_i`` the squared
-   distances to the nearest and second-nearest centre of a group: ``s_i`` is in ``[0, 1]``
-   (clamped; ``b_i >= a_i >= 0``) and depends on the client only through its own ``x_i``
-   and the public centres. Released with Gaussian noise: the sum of ``s_i`` for every
-   group and the number of clients (sensitivity ``sqrt(G + 1)``).
-4. **Adaptive k** from the noisy scores (post-processing): ``k = 1`` scores the public
-   ``min_silhouette``, ``k >= 2`` the noisy mean silhouette ``sum s / max(count, 1)``;
-   the first maximum wins, so one cluster is kept unless some ``k`` separates the
-   clients clearly.
-5. **Noisy cluster sizes** of the chosen ``k`` (sensitivity 1; for ``k = 1`` the number
-   of clients): the federation's data-independent denominators.
+   noisy sums, and a *weak* slot (:func:`weak_threshold`) restarts next to the strongest
+   one of its group (:func:`next_centres`). The last iteration releases the sums **and
+   the cluster sizes** (sensitivity ``sqrt(G (B^2 + 1))``) and its labels are final.
+3. **Silhouettes against the public means** (:func:`cluster_means`): for unit members,
+   the mean squared distance from ``x`` to cluster ``j`` is ``|x|^2 + 1 - 2 <x, mu_j>``,
+   so each client's silhouette ``s_i`` in ``[-1, 1]`` (clamped) approximates the usual
+   pairwise one and depends on the client only through its own ``x_i`` and public
+   values (:func:`silhouettes`). Released with noise: the sum of ``s_i`` per group and
+   the number of clients (sensitivity ``sqrt(G + 1)``).
+4. **Adaptive k** from the noisy scores (post-processing, :func:`choose_k`): ``k = 1``
+   scores the public ``min_silhouette``, ``k >= 2`` the noisy mean silhouette; the
+   smallest k within ``K_TOLERANCE`` of the best wins, so one cluster is kept unless some
+   ``k`` separates the clients clearly.
+5. The chosen k's public centres (normalised means) and released sizes (``k = 1``: the
+   noisy client count) are the federation's centres and data-independent denominators.
 
 The labels are the slot indices of the chosen group (``0 .. k-1``, the order of the
 public centres; a slot may be empty). Only the labels of the chosen ``k`` are opened.
+:func:`release_plan` lists the releases with their sensitivities.
 """
 
 from __future__ import annotations
