@@ -159,7 +159,7 @@ def test_local_dp_ledger_grows_and_spent_budget_declines(tmp_path: Path) -> None
     assert parties["server"]["private"] and parties["server"]["epsilon"] > 0
     client = parties["client-0"]
     assert [e["round"] for e in client["entries"]] == sorted(e["round"] for e in client["entries"])
-    assert client["entries"][0]["tensors"] == ["local_u", "local_v"]
+    assert client["entries"][0]["tensors"] == ["global_ctx", "local_u", "local_v"]
     assert all(e["epsilon"] <= 17 for e in client["entries"])
 
 
