@@ -31,9 +31,10 @@ is post-processing of DP releases).
    values (:func:`silhouettes`). Released with noise: the sum of ``s_i`` per group and
    the number of clients (sensitivity ``sqrt(G + 1)``).
 4. **Adaptive k** from the noisy scores (post-processing, :func:`choose_k`): ``k = 1``
-   scores the public ``min_silhouette``, ``k >= 2`` the noisy mean silhouette; the
-   smallest k within ``K_TOLERANCE`` of the best wins, so one cluster is kept unless some
-   ``k`` separates the clients clearly.
+   scores the public ``min_silhouette``, ``k >= 2`` a lower confidence bound on its mean
+   silhouette (two noise stds); the smallest k within ``K_TOLERANCE`` of the best wins,
+   so one cluster is kept unless some ``k`` separates the clients clearly, and when the
+   noise drowns the scores.
 5. The chosen k's public centres (normalised means) and released sizes (``k = 1``: the
    noisy client count) are the federation's centres and data-independent denominators.
 
@@ -59,6 +60,7 @@ DEFAULT_MIN_SILHOUETTE = 0.3
 SILHOUETTE_EPS = 1e-3  # keeps 1 / (b + eps) bounded (a client exactly on a centre)
 RESEED_STEP = 0.15  # how far from a strong centre a weak one restarts (public)
 K_TOLERANCE = 1e-3  # a larger k must beat a smaller one by this much (mean silhouette)
+SCORE_MARGIN = 2.0  # k >= 2 is judged by its silhouette less this many noise stds
 
 #: draws Gaussian noise: (shape, std) -> float64 array (a CSPRNG in every real mechanism)
 NoiseDraw = Callable[[tuple[int, ...], float], np.ndarray]
@@ -227,13 +229,20 @@ def reseed_vectors(dim: int, k_max: int, seed: int, iteration: int) -> np.ndarra
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def choose_k(noisy_scores: np.ndarray, min_silhouette: float) -> tuple[int, np.ndarray]:
-    """(k, criterion) from the released ``[sum s (k=2..k_max)..., count]``: the smallest
-    k whose criterion is within ``K_TOLERANCE`` of the best (a larger k must be clearly
-    better; this also keeps fixed-point rounding under MPC from breaking exact ties, such
-    as a k whose extra slot stayed empty)."""
-    count = max(float(noisy_scores[-1]), 1.0)
-    criterion = np.concatenate([[min_silhouette], noisy_scores[:-1] / count])
+def choose_k(noisy_scores: np.ndarray, min_silhouette: float,
+             scores_std: float = 0.0) -> tuple[int, np.ndarray]:
+    """(k, criterion) from the released ``[sum s (k=2..k_max)..., count]``.
+
+    The criterion of ``k >= 2`` is a lower confidence bound on its mean silhouette,
+    ``(sum - m std) / max(count + m std, 1)`` with ``m = SCORE_MARGIN`` standard
+    deviations of the scores' noise (public): when the noise drowns the scores, no
+    ``k >= 2`` beats the threshold and one cluster is kept, instead of a k picked by noise.
+    Then the smallest k within ``K_TOLERANCE`` of the best wins (a larger k must be
+    clearly better; this also keeps fixed-point rounding under MPC from breaking exact
+    ties, such as a k whose extra slot stayed empty)."""
+    margin = SCORE_MARGIN * scores_std
+    count = max(float(noisy_scores[-1]) + margin, 1.0)
+    criterion = np.concatenate([[min_silhouette], (noisy_scores[:-1] - margin) / count])
     best = float(criterion.max())
     return int(np.flatnonzero(criterion >= best - K_TOLERANCE)[0]) + 1, criterion
 
@@ -296,7 +305,7 @@ def dp_spherical_kmeans(x: np.ndarray, k_max: int, iterations: int, seed: int,
     noisy_scores = _released(raw, noise.scores, draw,
                              replay.scores if replay is not None else None, "scores")
     releases.scores = noisy_scores
-    k, criterion = choose_k(noisy_scores, min_silhouette)
+    k, criterion = choose_k(noisy_scores, min_silhouette, noise.scores)
     if k == 1:
         labels = np.zeros(n, dtype=np.int64)
         chosen_counts = np.array([float(noisy_scores[-1])])

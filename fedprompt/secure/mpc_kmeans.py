@@ -262,7 +262,7 @@ def secure_dp_kmeans(x: MPC, k_max: int, iterations: int, seed: int, min_silhoue
     if dummy:
         noisy_scores[-1] -= 1.0
     releases.scores = noisy_scores
-    k, criterion = choose_k(noisy_scores, min_silhouette)
+    k, criterion = choose_k(noisy_scores, min_silhouette, stds.scores)
     if k == 1 or dummy:
         labels = np.zeros(0 if dummy else n, dtype=np.int64)
     else:
