@@ -44,7 +44,7 @@ from fedprompt.federated import ClientSession
 from fedprompt.federated.client_store import (
     RUN_FOLDER_KEY,
     ClientStore,
-    load_state,
+    evaluate_and_export,
     state_root,
     train_and_persist,
 )
@@ -56,6 +56,7 @@ from fedprompt.federated.clustered import (
     material_from_config,
 )
 from fedprompt.federated.generative import open_client_session
+from fedprompt.federated.server import SERVER_EPSILON_KEY
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
 logging.getLogger("flwr").propagate = False
@@ -141,6 +142,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the personalized prompt and export it (the server's shared part + the
+    personal part) to this client's state folder, with the guarantee that covers it."""
     session = _session(context)
-    metrics = session.evaluate(_shared(msg), load_state(_store(context, session, msg)))
+    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    server_epsilon = float(config.get(SERVER_EPSILON_KEY, -1.0))
+    metrics = evaluate_and_export(session, _store(context, session, msg), _shared(msg),
+                                  server_epsilon if server_epsilon >= 0 else None)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -245,8 +245,14 @@ class PrivacyConfig(_Section):
         8, ge=1, description="per-sample gradients computed this many samples at a time"
     )
     reproducible_noise: bool = Field(
-        False, description="seed all noise from the run seed (tests, bit-exact comparisons); "
-        "default: a cryptographically seeded generator"
+        False, description="key all noise and sampling streams from the run seed (tests, "
+        "bit-exact comparisons); default: CSPRNG streams keyed from the OS"
+    )
+    diagnostics: bool = Field(
+        False, description="with DP on, also send and record figures no epsilon covers "
+        "(clients' train loss/accuracy, per-client update norms); they are labelled 'not "
+        "covered by epsilon' in the results. Default: replies and results carry only covered "
+        "fields (docs/privacy.md)"
     )
 
 

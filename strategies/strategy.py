@@ -128,9 +128,10 @@ class FedPromptStrategy(Strategy):
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
             node_config[RUN_FOLDER_KEY] = self.run_folder
-            if message_type == MessageType.TRAIN:
-                for key, value in self.server.train_config(node, server_round).items():
-                    node_config[key] = value
+            extra = (self.server.train_config(node, server_round)
+                     if message_type == MessageType.TRAIN else self.server.evaluate_config(node))
+            for key, value in extra.items():
+                node_config[key] = value
             content = RecordDict({"arrays": ArrayRecord(self.server.shared_for(node)),
                                   "config": node_config})
             messages.append(Message(content=content, message_type=message_type,

@@ -59,7 +59,9 @@ def validate_update(update: Mapping[str, np.ndarray | Tensor],
         checked[name] = array.float()
     norm = update_norm(checked)
     if norm > max_norm:
-        raise UpdateRejected(f"update norm {norm:.4g} exceeds the sanity bound "
+        # the reason names the bound, not the client's norm: rejection reasons land in the
+        # results and logs, and a client's norm is covered by no user-level epsilon
+        raise UpdateRejected("the update's norm exceeds the sanity bound "
                              f"federation.max_update_norm={max_norm:g}")
     return checked
 

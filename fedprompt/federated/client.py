@@ -42,9 +42,12 @@ from fedprompt.privacy.accounting import (
     calibrate_noise,
     nominal_noise_multiplier,
 )
+from fedprompt.privacy.coverage import covered_reply_metrics, export_privacy
 from fedprompt.privacy.dp_sgd import DPLocalTrainer, PoissonBatches, poisson_plan
+from fedprompt.privacy.ledger import PrivacyLedger
 from fedprompt.privacy.noise import SecureRandom
 from fedprompt.prompts import TensorRole
+from fedprompt.prompts.portable import export_prompt
 from fedprompt.seeding import batch_seed
 from fedprompt.training.model import PromptedClassifier
 from fedprompt.training.trainer import LocalTrainer
@@ -363,6 +366,8 @@ class ClientSession:
         if self.local_dp and config.privacy.mode == "nominal":
             metrics["nominal-epsilon"] = config.privacy.epsilon
         check_fresh(server_round, deadline, finished=True)
+        # under DP the reply carries only what an epsilon covers or what is public
+        metrics = covered_reply_metrics(metrics, config.privacy)
         return TrainOutcome(update, metrics, new_state, submission=submission)
 
     # ----------------------------------------------------------------- evaluate
@@ -385,6 +390,34 @@ class ClientSession:
             metrics |= {"neighbor-accuracy": neighbor.accuracy,
                         "neighbor-loss": neighbor.loss}
         return metrics
+
+    # ------------------------------------------------------------------- export
+    def export_task(self) -> tuple[dict[str, Any], list[str]]:
+        """The ``task`` block and class names of this client's exported prompt."""
+        return {}, list(self.splits.classnames)
+
+    def export(self, folder: Path, shared: dict[str, Tensor], state: ClientState,
+               ledger: PrivacyLedger, server_epsilon: float | None = None,
+               server_party: str = "server") -> Path:
+        """Write this client's personalized prompt in the portable format: the shared part
+        **as the server released it** (``shared``, never the client's local copy) plus its
+        personal part, with the guarantee that covers it
+        (:func:`~fedprompt.privacy.coverage.export_privacy`: record-level from ``ledger``,
+        user-level as the server reported it)."""
+        self._load(shared, state)
+        learner = self.learner
+        privacy = export_privacy(
+            self.config.privacy, party=ledger.party, record_epsilon=ledger.epsilon,
+            steps=ledger.steps, dp_tensors=self.dp_names(),
+            shared=learner.names_with(TensorRole.SHARED),
+            personal=learner.names_with(TensorRole.PERSONAL),
+            server_epsilon=server_epsilon, server_party=server_party)
+        task, classnames = self.export_task()
+        return export_prompt(
+            folder, learner, self.backbone, task=task, classnames=classnames, privacy=privacy,
+            data_description=f"client {self.partition_id}: {self.num_examples} training "
+            f"examples of {self.config.data.dataset} (federated method "
+            f"{self.config.federation.method}, {state.rounds_trained} rounds trained)")
 
 
 def _dump(obj: Any) -> bytes:

@@ -58,6 +58,7 @@ STATE_DIR_KEY = "state-dir"
 RUN_FOLDER_KEY = "run-folder"
 #: the sub-folder of the results folder holding the clients' state in simulation
 SIMULATION_SUBDIR = "client-state"
+EXPORT_DIR = "prompt"
 STATE_FILE = "state.pt"
 LEDGER_FILE = "privacy_ledger.json"
 FORMAT = "fedprompt.client-state/1"
@@ -131,6 +132,11 @@ class ClientStore:
     @property
     def ledger_file(self) -> Path:
         return self.folder / LEDGER_FILE
+
+    @property
+    def export_folder(self) -> Path:
+        """Where the client's personalized prompt is exported (portable format)."""
+        return self.folder / EXPORT_DIR
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -232,6 +238,23 @@ def train_and_persist(session: ClientSession, store: ClientStore,
             stored.ledger.record(entry)
         store.save(outcome.state, stored.ledger)
         return outcome
+
+
+def evaluate_and_export(session: ClientSession, store: ClientStore,
+                        shared: dict[str, torch.Tensor],
+                        server_epsilon: float | None = None) -> dict[str, float | int]:
+    """Evaluate ``session``'s personalized prompt (``shared`` as the server sent it + the
+    saved personal part) and, once the client has trained, export it to
+    ``<state folder>/prompt/`` (portable format, replaced as a whole) with the guarantee
+    that covers it: the client's record-level epsilon from its own ledger, and the server's
+    user-level epsilon for the shared part where the server reported one."""
+    with store.lock():
+        stored = store.load()
+        metrics = session.evaluate(shared, stored.state)
+        if stored.state is not None and stored.state.rounds_trained > 0:
+            session.export(store.export_folder, shared, stored.state, stored.ledger,
+                           server_epsilon)
+        return metrics
 
 
 def load_state(store: ClientStore) -> ClientState | None:

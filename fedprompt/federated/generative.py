@@ -15,6 +15,7 @@ in :class:`~fedprompt.federated.client.ClientState`. Strategies need no LLaVA ca
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 
@@ -130,6 +131,9 @@ class GenerativeClientSession(ClientSession):
             accountant=accountant, noise=noise_source, chunk=privacy.per_sample_chunk,
             private_names=self.dp_names(),
         )
+
+    def export_task(self) -> tuple[dict[str, Any], list[str]]:
+        return self.task.model_dump(mode="json"), list(self.model.classnames)
 
     # ----------------------------------------------------------------- evaluate
     def evaluate(self, shared: dict[str, torch.Tensor], state: ClientState | None

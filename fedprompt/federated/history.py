@@ -47,6 +47,7 @@ import fedprompt
 from fedprompt.atomic import atomic_write_bytes, atomic_write_text
 from fedprompt.config import RunConfig
 from fedprompt.data.domains import client_domains
+from fedprompt.privacy.coverage import coverage_report, covered_server_info, privacy_guarantee
 from fedprompt.privacy.ledger import (
     LedgerEntry,
     LedgerRegression,
@@ -165,7 +166,6 @@ class FederatedHistory:
             entry = self.client_entry(reply.client, reply.metrics, server_round)
             if entry is not None:
                 self.client_ledger(reply.client).record(entry)
-        record["server"] = info
         if info.get("global_epsilon") is not None:
             self.server_ledger.record(self._aggregate_entry(
                 "server", "Gaussian noise on the clipped mean of shared updates",
@@ -185,6 +185,8 @@ class FederatedHistory:
                 float(cinfo["epsilon"]), server_round))
         if "assignments_next" in info:
             info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
+        # per-client figures no epsilon covers stay out of the results under DP
+        record["server"] = covered_server_info(info, privacy)
 
     def _aggregate_entry(self, party: str, mechanism: str, epsilon: float,
                          server_round: int, steps: int | None = None) -> LedgerEntry:
@@ -278,7 +280,9 @@ class FederatedHistory:
                         else None,
                         "target_epsilon": privacy.epsilon
                         if privacy.mode == "target-epsilon" else None,
-                        "delta": privacy.delta, "server_noise_multiplier": self.server_noise},
+                        "delta": privacy.delta, "server_noise_multiplier": self.server_noise,
+                        "guarantee": privacy_guarantee(privacy),
+                        "coverage": coverage_report(privacy)},
             "rounds": rounds,
             "final": final,
         }

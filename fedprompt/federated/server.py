@@ -44,6 +44,10 @@ from fedprompt.seeding import derived_seed
 
 log = logging.getLogger("fedprompt.server")
 
+#: evaluate-config key: the server's user-level epsilon for the shared tensors it sends
+#: (-1: none), accounted in its "server" ledger
+SERVER_EPSILON_KEY = "server-epsilon"
+
 
 @dataclass
 class ClientReply:
@@ -125,6 +129,13 @@ class FederatedServer:
     def train_config(self, node_id: int, server_round: int) -> dict[str, int | str | bytes]:
         """Extra round config for ``node_id``'s train message (none here)."""
         return {}
+
+    def evaluate_config(self, node_id: int) -> dict[str, float]:
+        """Extra config of ``node_id``'s evaluate message: the user-level guarantee of the
+        shared tensors it receives (the client records it in its exported prompt)."""
+        if not self.global_dp:
+            return {SERVER_EPSILON_KEY: -1.0}
+        return {SERVER_EPSILON_KEY: self.accountant.epsilon(self.config.privacy.delta)}
 
     def result_arrays(self) -> dict[str, Tensor]:
         """What the run's final "model" is (the global shared tensors here)."""

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import fedprompt
+from fedprompt.atomic import replace_folder
 from fedprompt.errors import PromptError
 from fedprompt.prompts.base import PromptLearner, TensorRole
 
@@ -82,7 +83,6 @@ def export_prompt(folder: str | Path, learner: PromptLearner, backbone: Any, *,
         data_description: free text about the training data (name, size, split).
     """
     out = Path(folder).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     roles = learner.roles
     keep = [n for n, r in roles.items() if include_personal or r is TensorRole.SHARED]
     tensors = {n: getattr(learner, n).detach().float().cpu().clone() for n in keep}
@@ -118,14 +118,20 @@ def export_prompt(folder: str | Path, learner: PromptLearner, backbone: Any, *,
         "data": {"description": data_description},
         "extra": extra or {},
     }
-    tensor_path = out / TENSORS_FILE
-    save_file(tensors, str(tensor_path), metadata={
-        "format": FORMAT, "format_version": str(FORMAT_VERSION),
-        _HEADER_KEY: json.dumps(metadata, sort_keys=True),
-    })
-    metadata["tensors_sha256"] = _sha256(tensor_path)
-    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    return out
+
+    def fill(folder: Path) -> None:
+        tensor_path = folder / TENSORS_FILE
+        save_file(tensors, str(tensor_path), metadata={
+            "format": FORMAT, "format_version": str(FORMAT_VERSION),
+            _HEADER_KEY: json.dumps(metadata, sort_keys=True),
+        })
+        metadata["tensors_sha256"] = _sha256(tensor_path)
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True)
+                                            + "\n")
+
+    # tensors and metadata replace the previous export together (a client re-exports every
+    # round; a reader never sees new tensors with old metadata)
+    return replace_folder(out, fill)
 
 
 def _sha256(path: Path) -> str:
