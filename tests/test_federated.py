@@ -180,6 +180,9 @@ def test_nominal_recipe_is_labelled_and_reports_the_accountant(tmp_path: Path) -
     assert data["privacy"]["label"] == "nominal" and data["privacy"]["nominal_epsilon"] == 1.0
     ledger = json.loads((out / "privacy_ledger.json").read_text())["ledgers"]
     client = next(lg for lg in ledger if lg["party"] == "client-0")
+    # labelled as carrying no guarantee, at the ledger and at the run level
+    assert client["valid"] is False and "NOT a guarantee" in client["note"]
+    assert data["privacy"]["guarantee"].startswith("none")
     entry = client["entries"][-1]
     assert entry["nominal_epsilon"] == 1.0
     assert np.isclose(entry["noise_multiplier"], np.sqrt(2 * np.log(1e5)) / 1.0)

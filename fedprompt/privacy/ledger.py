@@ -110,13 +110,23 @@ class PrivacyLedger:
         self.check(entry)
         self.entries.append(entry)
 
+    @property
+    def nominal(self) -> bool:
+        """Whether any entry ran DP-FPL's nominal recipe (its epsilon is no guarantee)."""
+        return any(e.nominal_epsilon is not None for e in self.entries)
+
     def to_dict(self) -> dict[str, Any]:
         note = None if self.private else (
             "no noise was added: this run has no differential-privacy guarantee"
         )
+        if self.nominal:
+            note = ("nominal recipe (privacy.mode = 'nominal'): the papers' layout leaves "
+                    "tensors un-noised, so 'epsilon' is what the accountant gives for the "
+                    "noised tensors alone and is NOT a guarantee for what was released")
         return {
             "party": self.party,
             "private": self.private,
+            "valid": self.private and not self.nominal,
             "epsilon": self.epsilon,
             "delta": self.delta,
             "note": note,
