@@ -306,6 +306,8 @@ def test_cluster_wise_dp_noise_denominators_and_the_server_ledger(tmp_path: Path
     for record in rounds[1:]:
         clusters = record["server"]["clusters"]
         assert clusters["0"]["members"] == 1 and clusters["1"]["members"] == 3
+        # per-client norms are not covered by any epsilon: withheld under DP
+        assert "update_norms" not in clusters["0"] and "clipped" not in clusters["1"]
         assert clusters["0"]["denominator"] == 1.3 and clusters["1"]["denominator"] == 2.6
         assert clusters["0"]["noise_std"] == pytest.approx(0.7 * 0.5 / 1.3)
         assert clusters["1"]["noise_std"] == pytest.approx(0.7 * 0.5 / 2.6)
