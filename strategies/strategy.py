@@ -167,10 +167,9 @@ class FedPromptStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         every = self.server.config.federation.evaluate_every
         last = server_round == self.server.config.federation.rounds
-        if server_round % every and not last:
-            return []
-        return self._messages(sorted(grid.get_node_ids()), MessageType.EVALUATE, server_round,
-                              config)
+        # a round without evaluation addresses no node (so no reply can claim to be one)
+        nodes = [] if server_round % every and not last else sorted(grid.get_node_ids())
+        return self._messages(nodes, MessageType.EVALUATE, server_round, config)
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:

@@ -230,3 +230,13 @@ def test_a_site_with_its_own_data_folder(tmp_path: Path) -> None:
     train = data["rounds"][0]["train"]
     assert {int(k) for k in train} == {0, 1}
     assert all(m["num-examples"] == 12 for m in train.values())  # each site's whole folder
+
+
+def test_rounds_without_evaluation_complete(tmp_path: Path) -> None:
+    """federation.evaluate_every > 1: the skipped evaluations address nobody and the run
+    goes on (evaluated in round 2 and in the last round only)."""
+    config = _config(tmp_path, "federation.method='promptfl'", "data.num_clients=2",
+                     "federation.rounds=3", "federation.evaluate_every=2")
+    rounds = _metrics(run_inprocess(config))["rounds"]
+    assert [bool(r["evaluate"]) for r in rounds] == [False, True, True]
+    assert all(len(r["train"]) == 2 for r in rounds)
