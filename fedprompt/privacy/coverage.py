@@ -58,6 +58,12 @@ SERVER_FIELDS: dict[str, str] = {
     "global_epsilon": "public (the server accountant's output)",
     "update_norms": NOT_COVERED + " at the user level: each client's un-clipped update norm",
     "clipped": NOT_COVERED + " at the user level: how many client updates were clipped",
+    "clusters (secfpp)": "per cluster: the DP-released sizes and denominators and public noise "
+    "figures; 'members'/'clients' and 'cluster_of'/'assignments_next' are each client's own "
+    "label, a function of its submission and the public centres: covered for its records by "
+    "its record-level epsilon (with local DP), not at the user level (docs/secfpp.md)",
+    "clustering (secfpp)": "the DP clustering's released values (noisy sums, scores, sizes), "
+    "accounted in the server ledger",
 }
 
 #: train-reply metrics released only with privacy.diagnostics = true (under DP)
