@@ -128,6 +128,10 @@ def test_from_pretrained_loads_a_local_checkpoint(tmp_path: Path,
     assert torch.allclose(loaded.encode_class_prompts(ctx, tokens),
                           tiny_backbone.encode_class_prompts(ctx, ref_tokens), atol=1e-6)
     assert loaded.identity()["weights_sha256"] == tiny_backbone.identity()["weights_sha256"]
+    # saving adds serialization details (architectures, dtype) to the live config; neither
+    # the saved copy's identity nor a fresh preset's may differ because of them
+    fresh = CLIPBackbone.from_preset("clip-tiny", weights_seed=0)
+    assert loaded.identity()["config_sha256"] == fresh.identity()["config_sha256"]
 
 
 def test_unknown_preset_and_device() -> None:

@@ -68,6 +68,24 @@ class ClassPromptTokens:
         )
 
 
+#: config keys that describe how a model was saved or loaded, not what it computes;
+#: ``save_pretrained`` adds ``architectures`` and ``dtype`` to a live config
+SERIALIZATION_KEYS = frozenset({"transformers_version", "_name_or_path", "_commit_hash",
+                                "architectures", "dtype", "torch_dtype"})
+
+
+def architecture_config(config: Any) -> dict[str, Any]:
+    """A transformers config as a dict without serialization details (recursively), so a
+    model's identity hash does not change when it is saved or reloaded."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in SERIALIZATION_KEYS}
+        return value
+
+    return strip(config.to_dict())
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` picks CUDA when present; otherwise the device named."""
     if spec == "auto":

@@ -35,7 +35,11 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
-from fedprompt.backbones.base import ClassPromptTokens, VisionLanguageBackbone
+from fedprompt.backbones.base import (
+    ClassPromptTokens,
+    VisionLanguageBackbone,
+    architecture_config,
+)
 from fedprompt.backbones.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -169,8 +173,7 @@ class CLIPBackbone(VisionLanguageBackbone):
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            config = self.model.config.to_dict()
-            config.pop("transformers_version", None)
+            config = architecture_config(self.model.config)
             config_json = json.dumps(config, sort_keys=True, default=str)
             weights = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):

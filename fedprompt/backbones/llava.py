@@ -40,7 +40,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from fedprompt.backbones.base import PRECISIONS, precision_autocast
+from fedprompt.backbones.base import PRECISIONS, architecture_config, precision_autocast
 from fedprompt.backbones.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -221,13 +221,7 @@ class LlavaBackbone(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What identifies this model (exported prompts record it and check it on load)."""
         if self._identity is None:
-            config = self.model.config.to_dict()
-            for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-                config.pop(key, None)
-            for sub in ("text_config", "vision_config"):
-                if isinstance(config.get(sub), dict):
-                    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-                        config[sub].pop(key, None)
+            config = architecture_config(self.model.config)
             config_json = json.dumps(config, sort_keys=True, default=str)
             self._identity = {
                 "kind": self.kind,
