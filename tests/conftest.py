@@ -32,6 +32,28 @@ def tiny_backbone():
     return CLIPBackbone.from_preset("clip-tiny", weights_seed=0)
 
 
+@pytest.fixture(scope="session")
+def llava():
+    """The tiny offline LLaVA (llava-tiny, seeded weights)."""
+    from fedprompt.backbones.llava import LlavaBackbone
+
+    return LlavaBackbone.from_preset("llava-tiny", weights_seed=0)
+
+
+@pytest.fixture(scope="session")
+def color_qa():
+    """Coloured squares asked "what color is the square?": 18 train, 6 test records."""
+    from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
+    from fedprompt.data.synthetic import COLORS, coloured_squares
+    from fedprompt.data.vqa import classification_qa
+
+    pixels, labels = coloured_squares(24)
+    names = list(COLORS)
+    train = ImageSet("colors/train", ArrayImages(pixels[:18]), labels[:18], names)
+    test = ImageSet("colors/test", ArrayImages(pixels[18:]), labels[18:], names)
+    return classification_qa(DataSplits(train, test), "what color is the square? answer:")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))

@@ -14,9 +14,8 @@ from PIL import Image
 
 from fedprompt.backbones.llava import IMAGE_TOKEN_ID, LlavaBackbone, is_llava_source
 from fedprompt.config import RunConfig, TrainConfig
-from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
 from fedprompt.data.synthetic import COLORS, coloured_squares
-from fedprompt.data.vqa import classification_qa, jsonl_qa
+from fedprompt.data.vqa import jsonl_qa
 from fedprompt.errors import DataError, PromptError
 from fedprompt.privacy.accounting import Accountant
 from fedprompt.privacy.context_grads import chain_to_parameters
@@ -28,25 +27,11 @@ from fedprompt.training.generative import DPGenerativeTrainer, GenerativeTrainer
 
 
 @pytest.fixture(scope="module")
-def llava() -> LlavaBackbone:
-    return LlavaBackbone.from_preset("llava-tiny", weights_seed=0)
-
-
-@pytest.fixture(scope="module")
 def llava64(llava) -> LlavaBackbone:
     """The same tiny LLaVA in float64 (for exactness claims)."""
     double = copy.deepcopy(llava)
     double.model.double()
     return double
-
-
-@pytest.fixture(scope="module")
-def color_qa():
-    pixels, labels = coloured_squares(24)
-    names = list(COLORS)
-    train = ImageSet("colors/train", ArrayImages(pixels[:18]), labels[:18], names)
-    test = ImageSet("colors/test", ArrayImages(pixels[18:]), labels[18:], names)
-    return classification_qa(DataSplits(train, test), "what color is the square? answer:")
 
 
 def _model(llava, learner, classnames, **task):

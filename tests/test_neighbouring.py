@@ -23,6 +23,7 @@ from fedprompt.privacy.accounting import Accountant
 from fedprompt.privacy.dp_sgd import DPLocalTrainer
 from fedprompt.privacy.neighbouring import StepTrace, neighbouring_trace
 from fedprompt.privacy.noise import SecureRandom
+from fedprompt.prompts import TensorRole
 from fedprompt.training.model import PromptedClassifier
 
 #: methods that train under local DP (all of them: local-only and PromptFL too)
@@ -61,73 +62,6 @@ def _train_config() -> TrainConfig:
 
 
 # ------------------------------------------------------------------------ CLIP path
-@pytest.mark.parametrize("method", LOCAL_DP_METHODS)
-def test_clip_path_moves_only_with_the_record(tiny_backbone, method: str) -> None:
-    config = _method_config(method)
-    names = [f"thing {i}" for i in range(6)]
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(14, tiny_backbone.embed_dim, generator=gen)
-    labels = torch.randint(0, len(names), (14,), generator=gen)
-
-    def make_trainer() -> DPLocalTrainer:
-        learner = build_method_learner(config, tiny_backbone, len(names))
-        classifier = PromptedClassifier(tiny_backbone, learner, names)
-        return DPLocalTrainer(classifier, _train_config(), 12, noise_multiplier=1.0,
-                              clip_norm=CLIP, sample_rate=0.4, expected_batch_size=5.6,
-                              accountant=Accountant("rdp"),
-                              noise=SecureRandom.from_seed(5))
-
-    check_trace(neighbouring_trace(make_trainer, features, labels, record=3, steps=12,
-                                   sample_rate=0.4))
-
-
-# ----------------------------------------------------------------------- LLaVA path
-@pytest.fixture(scope="module")
-def llava():
-    from fedprompt.backbones.llava import LlavaBackbone
-
-    return LlavaBackbone.from_preset("llava-tiny", weights_seed=0)
-
-
-@pytest.fixture(scope="module")
-def color_qa():
-    from fedprompt.data.datasets import ArrayImages, DataSplits, ImageSet
-    from fedprompt.data.synthetic import COLORS, coloured_squares
-    from fedprompt.data.vqa import classification_qa
-
-    pixels, labels = coloured_squares(16)
-    names = list(COLORS)
-    train = ImageSet("colors/train", ArrayImages(pixels[:12]), labels[:12], names)
-    test = ImageSet("colors/test", ArrayImages(pixels[12:]), labels[12:], names)
-    return classification_qa(DataSplits(train, test), "what color is the square? answer:")
-
-
-@pytest.mark.parametrize("method", LOCAL_DP_METHODS)
-def test_llava_path_moves_only_with_the_record(llava, color_qa, method: str) -> None:
-    from fedprompt.tasks.config import TaskConfig
-    from fedprompt.tasks.generative import GenerativePromptModel, encode_qa
-    from fedprompt.training.generative import DPGenerativeTrainer
-
-    config = _method_config(method)
-    data = encode_qa(llava, color_qa.train)
-    classnames = color_qa.classnames
-    # SecFPP's class-level prompts and CoOp are ranked; the others answer (both losses)
-    loss = "ranking" if method in ("secfpp", "promptfl", "fedpgp") else "answer"
-
-    def make_trainer() -> DPLocalTrainer:
-        learner = build_method_learner(config, llava, len(classnames))
-        model = GenerativePromptModel(llava, learner, TaskConfig(loss=loss), classnames)
-        return DPGenerativeTrainer(model, data, _train_config(), 8, noise_multiplier=1.0,
-                                   clip_norm=CLIP, sample_rate=0.4, expected_batch_size=4.8,
-                                   accountant=Accountant("rdp"),
-                                   noise=SecureRandom.from_seed(5), chunk=4)
-
-    index = torch.arange(len(data))
-    check_trace(neighbouring_trace(make_trainer, index, torch.as_tensor(data.labels),
-                                   record=2, steps=8, sample_rate=0.4))
-
-
-# ----------------------------------------------------- the check can fail, and does
 def _clip_trace(backbone, config: RunConfig) -> list[StepTrace]:
     names = [f"thing {i}" for i in range(6)]
     gen = torch.Generator().manual_seed(0)
@@ -146,6 +80,42 @@ def _clip_trace(backbone, config: RunConfig) -> list[StepTrace]:
                               sample_rate=0.4)
 
 
+@pytest.mark.parametrize("method", LOCAL_DP_METHODS)
+def test_clip_path_moves_only_with_the_record(tiny_backbone, method: str) -> None:
+    check_trace(_clip_trace(tiny_backbone, _method_config(method)))
+
+
+# ----------------------------------------------------------------------- LLaVA path
+def _llava_trace(llava, color_qa, config: RunConfig) -> list[StepTrace]:
+    from fedprompt.tasks.config import TaskConfig
+    from fedprompt.tasks.generative import GenerativePromptModel, encode_qa
+    from fedprompt.training.generative import DPGenerativeTrainer
+
+    method = config.federation.method
+    data = encode_qa(llava, color_qa.train)
+    classnames = color_qa.classnames
+    # SecFPP's class-level prompts and CoOp are ranked; the others answer (both losses)
+    loss = "ranking" if method in ("secfpp", "promptfl", "fedpgp") else "answer"
+
+    def make_trainer() -> DPLocalTrainer:
+        learner = build_method_learner(config, llava, len(classnames))
+        model = GenerativePromptModel(llava, learner, TaskConfig(loss=loss), classnames)
+        return DPGenerativeTrainer(model, data, _train_config(), 6, noise_multiplier=1.0,
+                                   clip_norm=CLIP, sample_rate=0.3, expected_batch_size=5.4,
+                                   accountant=Accountant("rdp"),
+                                   noise=SecureRandom.from_seed(5), chunk=4,
+                                   private_names=local_dp_names(config, learner))
+
+    return neighbouring_trace(make_trainer, torch.arange(len(data)),
+                              torch.as_tensor(data.labels), record=2, steps=6, sample_rate=0.3)
+
+
+@pytest.mark.parametrize("method", LOCAL_DP_METHODS)
+def test_llava_path_moves_only_with_the_record(llava, color_qa, method: str) -> None:
+    check_trace(_llava_trace(llava, color_qa, _method_config(method)))
+
+
+# ----------------------------------------------------- the check can fail, and does
 @pytest.mark.parametrize("method", ["dpfpl", "fedpgp", "dpfpl-full-rank", "secfpp"])
 def test_the_papers_nominal_layout_fails_the_check(tiny_backbone, method: str) -> None:
     """privacy.mode = "nominal" (noise on the personal part only) leaks through the
@@ -157,6 +127,12 @@ def test_the_papers_nominal_layout_fails_the_check(tiny_backbone, method: str) -
     assert max(s.update_displacement for s in trace if not s.holds_record) > 1e-3
 
 
+def test_the_nominal_layout_fails_the_check_on_the_llava_path_too(llava, color_qa) -> None:
+    config = _method_config("dpfpl").with_overrides({"privacy.mode": "nominal"})
+    trace = _llava_trace(llava, color_qa, config)
+    assert max(s.update_displacement for s in trace if not s.holds_record) > 0.5 * CLIP
+
+
 @pytest.mark.parametrize("method", LOCAL_DP_METHODS)
 def test_clients_privatize_every_trained_tensor_outside_nominal_mode(tiny_backbone,
                                                                       method: str) -> None:
@@ -164,4 +140,4 @@ def test_clients_privatize_every_trained_tensor_outside_nominal_mode(tiny_backbo
         config = _method_config(method).with_overrides({"privacy.mode": mode})
         learner = build_method_learner(config, tiny_backbone, 4)
         assert local_dp_names(config, learner) == learner.gradient_names()
-        check_trace(_clip_trace(tiny_backbone, config))
+        assert set(learner.names_with(TensorRole.SHARED)) <= set(learner.gradient_names())
