@@ -75,7 +75,7 @@ CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason"
                "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
                "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
                "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
-               "cluster_epsilon_max", "clustering_seconds", "seconds", "results"]
+               "clustering_seconds", "seconds", "results"]
 
 
 # ----------------------------------------------------------------------------- grid
@@ -227,7 +227,6 @@ def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
     clustering = [s["clustering_seconds"] for s in summaries
                   if s.get("clustering_seconds") is not None]
     clustered = {"clusters": final.get("clusters"), "cluster_ari": final.get("cluster_ari"),
-                 "cluster_epsilon_max": most("cluster_epsilon_max"),
                  "clustering_seconds": float(np.mean(clustering)) if clustering else None
                  } if "clusters" in final else {}
     return {**clustered, "local_accuracy": mean("local_accuracy_mean"),

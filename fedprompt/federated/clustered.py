@@ -334,7 +334,7 @@ class ClusteredServer(FederatedServer):
                            if k not in UNCOVERED_SERVER_FIELDS}
             clusters[cluster] = {"members": self.members(cluster), "accepted": len(group),
                                  "clients": [self._client(a.reply.node_id) for a in group],
-                                 "denominator": denominator, **details, "epsilon": None}
+                                 "denominator": denominator, **details}
         info: dict[str, Any] = {
             "accepted": len(accepted), "rejected": rejected, "clusters": clusters,
             "cluster_of": self._by_client(self.assignment),

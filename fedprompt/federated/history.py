@@ -67,7 +67,7 @@ ROUND_COLUMNS = [
 ]
 #: extra rounds.csv columns of clustered methods (secfpp)
 CLUSTER_COLUMNS = ["clusters", "clustering_k", "clustering_seconds", "clustering_fallback",
-                   "cluster_ari", "cluster_epsilon_max"]
+                   "cluster_ari"]
 
 
 def node_label(node_id: int) -> str:
@@ -99,7 +99,6 @@ class FederatedHistory:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_ledgers: dict[int, PrivacyLedger] = {}
         self.server_ledger = PrivacyLedger("server", config.privacy.delta)
-        self.cluster_ledgers: dict[int, PrivacyLedger] = {}
         #: known domain of every client (multi-domain data), for the adjusted Rand index
         self.domains = client_domains(config.data, num_clients) if config.data.domains else None
 
@@ -173,16 +172,6 @@ class FederatedHistory:
                 info.get("aggregate_steps")))
         for entry in info.get("ledger_entries", ()):  # further accounted releases (secfpp)
             self.server_ledger.record(LedgerEntry(**entry))
-        for cluster, cinfo in sorted(info.get("clusters", {}).items()):
-            if cinfo.get("epsilon") is None:
-                continue
-            ledger = self.cluster_ledgers.setdefault(
-                cluster, PrivacyLedger(f"cluster-{cluster}", privacy.delta))
-            ledger.record(self._aggregate_entry(
-                f"cluster-{cluster}",
-                f"Gaussian noise on the clipped mean of cluster {cluster}'s updates "
-                f"({cinfo['members']} members, noise std {cinfo['noise_std']:.4g})",
-                float(cinfo["epsilon"]), server_round))
         if "assignments_next" in info:
             info["cluster_ari"] = self.adjusted_rand_index(info["assignments_next"])
         # per-client figures no epsilon covers stay out of the results under DP
@@ -235,15 +224,12 @@ class FederatedHistory:
         clustered = {}
         if "clusters" in server:
             clustering = server.get("clustering") or {}
-            cluster_eps = [c["epsilon"] for c in server["clusters"].values()
-                           if c.get("epsilon") is not None]
             clustered = {
                 "clusters": len(set(server["assignments_next"].values())),
                 "clustering_k": clustering.get("k"),
                 "clustering_seconds": clustering.get("seconds"),
                 "clustering_fallback": clustering.get("fallback") if clustering else None,
                 "cluster_ari": server.get("cluster_ari"),
-                "cluster_epsilon_max": max(cluster_eps) if cluster_eps else None,
             }
         return {
             "round": server_round,
@@ -318,10 +304,8 @@ class FederatedHistory:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(out / "clients.csv", table.getvalue())
-        ledgers = ([self.server_ledger]
-                   + [self.cluster_ledgers[c] for c in sorted(self.cluster_ledgers)]
-                   + [self.client_ledgers[c] for c in sorted(self.client_ledgers,
-                                                             key=_client_order)])
+        ledgers = [self.server_ledger] + [self.client_ledgers[c] for c in sorted(
+            self.client_ledgers, key=_client_order)]
         PrivacyLedger.write_all(ledgers, out / "privacy_ledger.json")
         plot_rounds(data, out / "accuracy.png")
 
