@@ -216,6 +216,11 @@ class FederationConfig(_Section):
         1e4, gt=0, description="replies whose update norm exceeds this are rejected as invalid"
     )
     timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    min_available_clients: int = Field(
+        0, ge=0, description="before sampling a training round, wait (up to "
+        "federation.timeout) until this many clients are connected, e.g. for a restarted "
+        "site to come back; 0: sample whoever is connected"
+    )
     evaluate_every: int = Field(1, ge=1, description="evaluate clients every this many rounds")
 
 

@@ -24,6 +24,7 @@ from them, keyed by the node (``src_node_id``) they came from.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,29 @@ class FedPromptStrategy(Strategy):
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         return [_reply(m, sent_to) for m in replies]
 
+    def _connected(self, grid: Grid) -> list[int]:
+        """The connected nodes, once ``federation.min_available_clients`` are connected or
+        ``federation.timeout`` has passed (then whoever is connected, with a warning)."""
+        fed = self.server.config.federation
+        deadline, next_log = time.monotonic() + fed.timeout, 0.0
+        while len(nodes := list(grid.get_node_ids())) < fed.min_available_clients:
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("only %d of the %d clients required by "
+                            "federation.min_available_clients connected within %.0f s; "
+                            "going on with them", len(nodes), fed.min_available_clients,
+                            fed.timeout)
+                break
+            if now >= next_log:
+                log.info("waiting for clients to connect: %d of %d", len(nodes),
+                         fed.min_available_clients)
+                next_log = now + 10.0
+            time.sleep(0.5)
+        return nodes
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        node_ids = list(grid.get_node_ids())
+        node_ids = self._connected(grid)
         self.server.begin_round(server_round, node_ids)
         nodes = self.server.sample(node_ids)
         log.info("round %d: %d of %d clients sampled for training", server_round, len(nodes),

@@ -34,7 +34,8 @@ DP_RUN_CONFIG = ("backbone.model='clip-tiny' backbone.image_size=0 data.max_trai
                  "federation.rounds=3 prompt.n_ctx=4 prompt.rank=2 "
                  "privacy.mode='noise-multiplier' privacy.local_noise_multiplier=1.0 "
                  "privacy.server_noise_multiplier=1.0 privacy.epsilon=100.0 "
-                 "federation.timeout=150.0")
+                 # round 3 waits for the restarted site to be connected again
+                 "federation.timeout=150.0 federation.min_available_clients=2")
 
 
 def _load_pilot() -> ModuleType:

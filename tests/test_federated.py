@@ -1,6 +1,7 @@
 """Federated runs through the real ClientApp/ServerApp code (in-process grid)."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,29 @@ def test_rounds_without_evaluation_complete(tmp_path: Path) -> None:
     rounds = _metrics(run_inprocess(config))["rounds"]
     assert [bool(r["evaluate"]) for r in rounds] == [False, True, True]
     assert all(len(r["train"]) == 2 for r in rounds)
+
+
+def test_a_round_waits_for_min_available_clients(tmp_path: Path) -> None:
+    """federation.min_available_clients: sampling waits until that many clients are
+    connected (a restarted site coming back), and goes on without them after the round
+    timeout."""
+    from strategies.server_app import build_server
+    from strategies.strategy import FedPromptStrategy
+
+    class GrowingGrid:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return [1] if self.calls < 3 else [1, 2]
+
+    config = _config(tmp_path, "federation.min_available_clients=2", "data.num_clients=2")
+    grid = GrowingGrid()
+    assert FedPromptStrategy(build_server(config, 2), tmp_path)._connected(grid) == [1, 2]
+    assert grid.calls == 3
+    late = _config(tmp_path, "federation.min_available_clients=3", "federation.timeout=1.0")
+    start = time.monotonic()
+    assert FedPromptStrategy(build_server(late, 2), tmp_path)._connected(GrowingGrid()) == [
+        1, 2]
+    assert 1.0 <= time.monotonic() - start < 5.0

@@ -11,7 +11,9 @@ from strategies.inprocess import run_inprocess
 OVERRIDES = ["backbone.model='clip-tiny'", "data.max_train_per_class=12", "prompt.n_ctx=4",
              "prompt.rank=2", "train.batch_size=16", "federation.rounds=2",
              "federation.method='dpfpl'", "data.num_clients=3",
-             "privacy.mode='noise-multiplier'", "privacy.reproducible_noise=true"]
+             "privacy.mode='noise-multiplier'", "privacy.reproducible_noise=true",
+             # a budget the run does not exhaust: every client trains (DP-SGD) every round
+             "privacy.epsilon=1000.0"]
 
 
 @pytest.mark.slow
@@ -34,8 +36,13 @@ def test_ray_simulation_equals_in_process_run(tmp_path: Path,
     ray_rounds = json.loads((ray_dir / "metrics.json").read_text())["rounds"]
 
     local = load_config(overrides=[*OVERRIDES, f"output_dir='{tmp_path / 'local'}'"])
-    local_rounds = json.loads((run_inprocess(local) / "metrics.json").read_text())["rounds"]
+    local_dir = run_inprocess(local)
+    local_rounds = json.loads((local_dir / "metrics.json").read_text())["rounds"]
     assert len(ray_rounds) == len(local_rounds) == 2
+    assert all(r["summary"]["clients_trained"] == 3 for r in ray_rounds)
+    # on both engines every client kept its state and exported its prompt in the run folder
+    for folder in (ray_dir, local_dir):
+        assert len(list((folder / "client-state").glob("run-*/client-*/prompt"))) == 3
     for ray_round, local_round in zip(ray_rounds, local_rounds, strict=True):
         for key, value in local_round["summary"].items():
             assert ray_round["summary"][key] == pytest.approx(value, abs=1e-6), key
