@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -47,21 +48,28 @@ def _load_pilot() -> ModuleType:
     return module
 
 
-@pytest.mark.slow
-def test_tls_authenticated_deployment_runs_two_rounds(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def _pilot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: int) -> tuple[ModuleType,
+                                                                                 Any]:
+    """scripts/pilot.py loaded, the offline environment set, certificates and ``keys``
+    SuperNode keys made, and a Pilot on them (nothing started yet)."""
     pilot_mod = _load_pilot()
     for key, value in pilot_mod.OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     certs = tmp_path / "certs"
-    made = subprocess.run(["bash", str(REPO / "scripts" / "make_certificates.sh"), "-n", "3",
-                           str(certs)], capture_output=True, text=True, timeout=120,
+    made = subprocess.run(["bash", str(REPO / "scripts" / "make_certificates.sh"), "-n",
+                           str(keys), str(certs)], capture_output=True, text=True, timeout=120,
                           check=False)
     assert made.returncode == 0, made.stdout + made.stderr
-    out = tmp_path / "results"
+    return pilot_mod, pilot_mod.Pilot(tmp_path / "work", certs,
+                                      flwr_home=tmp_path / "flwr-home")
 
-    pilot = pilot_mod.Pilot(tmp_path / "work", certs, flwr_home=tmp_path / "flwr-home")
+
+@pytest.mark.slow
+def test_tls_authenticated_deployment_runs_two_rounds(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pilot_mod, pilot = _pilot(tmp_path, monkeypatch, keys=3)
+    out = tmp_path / "results"
     ports: list[int] = [pilot.port]
     try:
         pilot.start_superlink(timeout=120)
@@ -130,18 +138,8 @@ def test_a_restarted_site_continues_its_privacy_ledger(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from fedprompt.privacy.accounting import Accountant
 
-    pilot_mod = _load_pilot()
-    for key, value in pilot_mod.OFFLINE_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    certs = tmp_path / "certs"
-    made = subprocess.run(["bash", str(REPO / "scripts" / "make_certificates.sh"), "-n", "2",
-                           str(certs)], capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert made.returncode == 0, made.stdout + made.stderr
+    pilot_mod, pilot = _pilot(tmp_path, monkeypatch, keys=2)
     out = tmp_path / "results"
-
-    pilot = pilot_mod.Pilot(tmp_path / "work", certs, flwr_home=tmp_path / "flwr-home")
     try:
         pilot.start_superlink(timeout=120)
         for i in range(2):
