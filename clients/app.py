@@ -91,9 +91,13 @@ def _session(context: Context) -> ClientSession:
     return _SESSIONS[key]
 
 
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content["config"] if "config" in msg.content else ConfigRecord()
+
+
 def _store(context: Context, session: ClientSession, msg: Message) -> ClientStore:
     """This client's state folder for the message's run (see the module docstring)."""
-    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
+    config = _config(msg)
     root = state_root(context.node_config, session.config.output_dir,
                       str(config.get(RUN_FOLDER_KEY, "")))
     return ClientStore(root, context.run_id, session.partition_id,
@@ -145,8 +149,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the personalized prompt and export it (the server's shared part + the
     personal part) to this client's state folder, with the guarantee that covers it."""
     session = _session(context)
-    config = msg.content["config"] if "config" in msg.content else ConfigRecord()
-    server_epsilon = float(config.get(SERVER_EPSILON_KEY, -1.0))
+    server_epsilon = float(_config(msg).get(SERVER_EPSILON_KEY, -1.0))
     metrics = evaluate_and_export(session, _store(context, session, msg), _shared(msg),
                                   server_epsilon if server_epsilon >= 0 else None)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -397,8 +397,7 @@ class ClientSession:
         return {}, list(self.splits.classnames)
 
     def export(self, folder: Path, shared: dict[str, Tensor], state: ClientState,
-               ledger: PrivacyLedger, server_epsilon: float | None = None,
-               server_party: str = "server") -> Path:
+               ledger: PrivacyLedger, server_epsilon: float | None = None) -> Path:
         """Write this client's personalized prompt in the portable format: the shared part
         **as the server released it** (``shared``, never the client's local copy) plus its
         personal part, with the guarantee that covers it
@@ -411,7 +410,7 @@ class ClientSession:
             steps=ledger.steps, dp_tensors=self.dp_names(),
             shared=learner.names_with(TensorRole.SHARED),
             personal=learner.names_with(TensorRole.PERSONAL),
-            server_epsilon=server_epsilon, server_party=server_party)
+            server_epsilon=server_epsilon)
         task, classnames = self.export_task()
         return export_prompt(
             folder, learner, self.backbone, task=task, classnames=classnames, privacy=privacy,

@@ -60,7 +60,6 @@ from fedprompt.config import RunConfig
 from fedprompt.federated import cluster_privacy
 from fedprompt.federated.server import Accepted, ClientReply, FederatedServer
 from fedprompt.privacy.accounting import Accountant
-from fedprompt.privacy.coverage import UNCOVERED_SERVER_FIELDS, filters_apply
 from fedprompt.secure.clustering import ClusteringBackend, ClusteringError, ClusteringResult
 
 log = logging.getLogger("fedprompt.server")
@@ -329,9 +328,6 @@ class ClusteredServer(FederatedServer):
             mean, details = self.combine(group, self.prompts[cluster], denominator)
             self.prompts[cluster] = {k: v + lr * mean[k]
                                      for k, v in self.prompts[cluster].items()}
-            if filters_apply(self.config.privacy):  # per-client figures no epsilon covers
-                details = {k: v for k, v in details.items()
-                           if k not in UNCOVERED_SERVER_FIELDS}
             clusters[cluster] = {"members": self.members(cluster), "accepted": len(group),
                                  "clients": [self._client(a.reply.node_id) for a in group],
                                  "denominator": denominator, **details}

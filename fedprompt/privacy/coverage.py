@@ -86,10 +86,18 @@ def covered_reply_metrics(metrics: Mapping[str, Any], privacy: PrivacyConfig
 
 
 def covered_server_info(info: Mapping[str, Any], privacy: PrivacyConfig) -> dict[str, Any]:
-    """The server's per-round record without per-client figures no epsilon covers."""
+    """The server's per-round record without per-client figures no epsilon covers (at the
+    top level and in each cluster's record of a clustered method)."""
     if not filters_apply(privacy):
         return dict(info)
-    return {k: v for k, v in info.items() if k not in UNCOVERED_SERVER_FIELDS}
+
+    def strip(record: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k not in UNCOVERED_SERVER_FIELDS}
+
+    covered = strip(info)
+    if isinstance(info.get("clusters"), Mapping):
+        covered["clusters"] = {c: strip(r) for c, r in info["clusters"].items()}
+    return covered
 
 
 def privacy_guarantee(privacy: PrivacyConfig) -> str:
@@ -137,8 +145,7 @@ def coverage_report(privacy: PrivacyConfig) -> dict[str, Any]:
 
 def export_privacy(privacy: PrivacyConfig, *, party: str, record_epsilon: float | None,
                    steps: int, dp_tensors: list[str], shared: list[str], personal: list[str],
-                   server_epsilon: float | None, server_party: str = "server"
-                   ) -> dict[str, Any]:
+                   server_epsilon: float | None) -> dict[str, Any]:
     """The guarantee of a client's exported prompt (its personal part + the server's
     shared part), for the ``privacy`` block of the portable prompt format.
 
@@ -158,7 +165,7 @@ def export_privacy(privacy: PrivacyConfig, *, party: str, record_epsilon: float 
                   if valid else [], "valid": valid}
     user = None
     if valid and privacy.server and server_epsilon is not None:
-        user = {"party": server_party, "epsilon": server_epsilon, "delta": privacy.delta,
+        user = {"party": "server", "epsilon": server_epsilon, "delta": privacy.delta,
                 "accountant": privacy.accountant, "covers": list(shared),
                 "source": "reported by the server with the shared tensors"}
     covered = set(record["covers"]) if record else set()
