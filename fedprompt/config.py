@@ -327,6 +327,52 @@ class ClusteringConfig(_Section):
     )
 
 
+class AuditConfig(_Section):
+    """The empirical privacy audit, ``fedprompt audit`` (docs/audit.md)."""
+
+    client: int = Field(0, ge=0, description="the audited client (its partition of the data)")
+    membership: bool = Field(
+        True, description="run the membership-inference attacks (loss threshold, LiRA, "
+        "shadow-model MLP, prompt-vector) on the client's training vs held-out test records"
+    )
+    shadows: int = Field(8, ge=2, description="shadow models trained like the client, each on "
+                         "a random half of its training and test records (DP-FPL's paper: 50)")
+    one_run: bool = Field(
+        True, description="run the one-run audit (Steinke, Nasr, Jagielski 2023): canaries "
+        "inserted with probability 1/2, one training, an epsilon lower bound"
+    )
+    canaries: int = Field(256, ge=2, description="one-run audit: number of canaries m")
+    canary_kind: Literal["random-feature", "mislabelled"] = Field(
+        "random-feature",
+        description="random-feature: random image features with random labels (crafted to be "
+        "detectable: the strongest input-space canary); mislabelled: real held-out images of "
+        "the data set with a wrong label",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound")
+    guess_fractions: list[float] = Field(
+        default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5],
+        description="one-run audit: the auditor guesses on this fraction of the canaries (half "
+        "'in' on the top scores, half 'out' on the bottom, abstaining on the rest); the best "
+        "fraction and score are taken with a Bonferroni correction over all of them",
+    )
+    seed: int = Field(0, description="the auditor's randomness (canaries, inclusions, shadow "
+                      "splits, attack model)")
+
+    @field_validator("guess_fractions", mode="before")
+    @classmethod
+    def _split_fractions(cls, value: Any) -> Any:
+        if isinstance(value, str):  # Flower run_config: "0.1,0.5"
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("guess_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError("give one or more fractions in (0, 1], e.g. [0.1, 0.5]")
+        return value
+
+
 class RunConfig(_Section):
     """Everything one run needs. Written, resolved, next to the run's results."""
 
@@ -341,6 +387,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -388,7 +435,8 @@ def _unknown_key_message(key: str, source: str) -> str:
         f" Keys of [{section}]: {', '.join(s.split('.')[-1] for s in siblings)}."
         if siblings
         else " Top-level keys: name, seed, output_dir and the sections "
-        "[backbone], [prompt], [data], [train], [federation], [privacy], [clustering], [task]."
+        "[backbone], [prompt], [data], [train], [federation], [privacy], [clustering], [task], "
+        "[audit]."
     )
     return f"unknown config key '{key}' (from {source}).{hint}{listing}"
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -196,8 +197,31 @@ class ClientSession:
         # it, exactly as in a one-site run
         self.initial_learner_rng = (_dump(rng.get_state()) if isinstance(rng, torch.Generator)
                                     else b"")
+        self._plan()
+
+    def _plan(self) -> None:
+        """The Poisson sampling plan for the current training set (its size is public)."""
         self.sample_rate, self.steps_per_epoch = poisson_plan(len(self.train_labels),
                                                               self.config.train.batch_size)
+
+    def use_training_set(self, features: Tensor, labels: Any) -> None:
+        """Train on these examples instead of the partition's (the privacy audit inserts
+        canaries and trains shadow models on other subsets); the sampling plan and the
+        noise calibration follow the new size, as they would for a client holding them."""
+        labels = np.asarray(labels)
+        if len(features) != len(labels) or len(labels) == 0:
+            raise ValueError(f"a training set needs as many labels as features and at least "
+                             f"one example (got {len(features)} and {len(labels)})")
+        self.train_features = features
+        self.train_labels = labels
+        self._plan()
+
+    def context(self, shared: dict[str, Tensor], state: ClientState | None) -> Tensor:
+        """The context ``[K, n_ctx, width]`` of this client's prompt with the server's
+        ``shared`` tensors and its ``state``: what an export of that state releases."""
+        self._load(shared, state)
+        with torch.no_grad():
+            return self.learner().detach().clone()
 
     # ------------------------------------------------------------------ helpers
     @property
