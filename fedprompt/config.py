@@ -17,6 +17,7 @@ the error messages.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -244,6 +245,19 @@ class PrivacyConfig(_Section):
     server_noise_multiplier: float = Field(1.0, ge=0, description="noise-multiplier mode")
     clip_norm: float = Field(1.0, gt=0, description="per-sample clipping norm C_L (DP-FPL's "
                              "paper used 10)")
+    clipping: Literal["joint", "per-group"] = Field(
+        "joint", description="local DP-SGD: joint clips each sample's gradient over all "
+        "privatized tensors together to C_L; per-group clips privatized tensor i to "
+        "C_i = C_L sqrt(s_i / sum s) (shares s: privacy.clip_shares), so sum C_i^2 = C_L^2: "
+        "the joint norm, the noise z C_L and the epsilon are unchanged, but one tensor with "
+        "large gradients (DP-FPL's global prompt) no longer takes the others' share"
+    )
+    clip_shares: list[float] = Field(
+        default_factory=list, description="per-group clipping: one positive share per "
+        "privatized tensor, in the order of the learner's local_dp_names() (DP-FPL: "
+        "global_ctx, local_u, local_v); a comma-separated string is accepted (Flower "
+        "run_config). Empty: equal shares"
+    )
     server_clip_norm: float = Field(1.0, gt=0, description="per-client update clip C_G")
     accountant: Literal["rdp", "prv"] = "rdp"
     per_sample_chunk: int = Field(
@@ -259,6 +273,30 @@ class PrivacyConfig(_Section):
         "covered by epsilon' in the results. Default: replies and results carry only covered "
         "fields (docs/privacy.md)"
     )
+
+    @field_validator("clip_shares", mode="before")
+    @classmethod
+    def _split_shares(cls, value: Any) -> Any:
+        if isinstance(value, str):  # Flower run_config: "2,1,1"
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("clip_shares")
+    @classmethod
+    def _positive_shares(cls, value: list[float]) -> list[float]:
+        if any(not (math.isfinite(s) and s > 0) for s in value):
+            raise ValueError("every clip share must be positive and finite, e.g. [2, 1, 1] "
+                             "(one per privatized tensor); leave it empty for equal shares")
+        return value
+
+    @model_validator(mode="after")
+    def _shares_need_per_group(self) -> PrivacyConfig:
+        if self.clip_shares and self.clipping != "per-group":
+            raise ValueError(
+                f"privacy.clip_shares = {self.clip_shares} applies only to per-group "
+                "clipping: set privacy.clipping = 'per-group' or leave clip_shares empty"
+            )
+        return self
 
 
 class ClusteringConfig(_Section):

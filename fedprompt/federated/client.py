@@ -297,7 +297,8 @@ class ClientSession:
             clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
             expected_batch_size=self.sample_rate * self.num_examples,
             accountant=accountant, noise=noise_source, chunk=privacy.per_sample_chunk,
-            private_names=self.dp_names(),
+            private_names=self.dp_names(), clipping=privacy.clipping,
+            clip_shares=privacy.clip_shares,
         )
 
     def train(self, shared: dict[str, Tensor], state: ClientState | None,

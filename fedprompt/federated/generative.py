@@ -129,7 +129,8 @@ class GenerativeClientSession(ClientSession):
             noise_multiplier=noise, clip_norm=privacy.clip_norm, sample_rate=self.sample_rate,
             expected_batch_size=self.sample_rate * self.num_examples,
             accountant=accountant, noise=noise_source, chunk=privacy.per_sample_chunk,
-            private_names=self.dp_names(),
+            private_names=self.dp_names(), clipping=privacy.clipping,
+            clip_shares=privacy.clip_shares,
         )
 
     def export_task(self) -> tuple[dict[str, Any], list[str]]:

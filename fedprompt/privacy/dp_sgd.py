@@ -7,9 +7,13 @@ Per step:
 2. :func:`~fedprompt.privacy.per_sample.per_sample_gradients` gives exact per-sample
    gradients of the privatized tensors with one text-encoder pass;
 3. Opacus' :class:`~opacus.optimizers.DPOptimizer` clips every sample's gradient to
-   ``C`` **jointly over all privatized tensors**, sums, adds ``N(0, (z C)^2)`` (float64
-   noise from a CSPRNG, :mod:`fedprompt.privacy.noise`) and divides by the expected batch
-   size; its step hook advances the accountant by one step at the real sampling rate;
+   ``C`` **jointly over all privatized tensors** (``privacy.clipping = "joint"``), or
+   its :class:`~opacus.optimizers.DPPerLayerOptimizer` clips each privatized tensor ``i``
+   to its own ``C_i = C sqrt(s_i / sum s)`` (``"per-group"``, shares ``s`` from
+   ``privacy.clip_shares``) so that ``sum C_i^2 = C^2`` and the joint per-sample norm is
+   still at most ``C``; either sums, adds ``N(0, (z C)^2)`` per coordinate (float64 noise
+   from a CSPRNG, :mod:`fedprompt.privacy.noise`) and divides by the expected batch size;
+   its step hook advances the accountant by one step at the real sampling rate;
 4. the learner finishes its gradients (DP-FPL: Eq. 4 from the noisy ``u``, ``v``
    gradients to ``p_L``) and the learner's own optimizer steps.
 
@@ -32,15 +36,18 @@ Gaussian analysis assumes; the batch size varies and may be zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor
 
 from fedprompt.config import TrainConfig
+from fedprompt.errors import ConfigError
 from fedprompt.privacy.accounting import Accountant
 from fedprompt.privacy.noise import SecureRandom
 from fedprompt.privacy.per_sample import per_sample_gradients
@@ -81,7 +88,11 @@ class SecureDPOptimizer(DPOptimizer):
     """Opacus' :class:`~opacus.optimizers.DPOptimizer` (per-sample clipping, summing,
     scaling, step hooks) whose Gaussian noise comes from :class:`SecureRandom`: float64,
     CSPRNG bits, Opacus' ``secure_mode`` construction. It replaces ``secure_mode=True``,
-    which needs ``torchcsprng`` (no build for recent torch)."""
+    which needs ``torchcsprng`` (no build for recent torch).
+
+    The noise is ``N(0, (noise_multiplier * max_grad_norm)^2)`` per coordinate, where
+    ``max_grad_norm`` bounds the joint per-sample norm; :class:`SecurePerLayerDPOptimizer`
+    reuses this method through the method resolution order."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom,
                  **kwargs: object) -> None:
@@ -98,6 +109,46 @@ class SecureDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
+class SecurePerLayerDPOptimizer(SecureDPOptimizer, DPPerLayerOptimizer):
+    """Opacus' :class:`~opacus.optimizers.DPPerLayerOptimizer` (each tensor clipped per
+    sample to its own norm ``C_i``) with :class:`SecureDPOptimizer`'s CSPRNG noise.
+
+    The MRO is ``SecurePerLayerDPOptimizer -> SecureDPOptimizer -> DPPerLayerOptimizer ->
+    DPOptimizer``: clipping comes from the per-layer optimizer, noise from ours. Opacus sets
+    ``max_grad_norm = ||(C_1, ..., C_k)||_2`` (the bound on the joint per-sample norm) and
+    noises every coordinate with ``noise_multiplier * max_grad_norm``; it computes that norm
+    in float32, so it is recomputed here in float64 (the noise must not fall below what the
+    accountant assumes by a rounding error)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom,
+                 max_grad_norm: Sequence[float], **kwargs: object) -> None:
+        norms = [float(c) for c in max_grad_norm]
+        super().__init__(optimizer, noise_source=noise_source, max_grad_norm=norms,
+                         **kwargs)
+        self.max_grad_norms = norms
+        self.max_grad_norm = math.sqrt(math.fsum(c * c for c in norms))
+
+
+def group_clip_norms(clip_norm: float, shares: Sequence[float],
+                     names: Sequence[str]) -> list[float]:
+    """Per-tensor clipping norms of per-group clipping: ``C_i = C sqrt(s_i / sum s)`` for
+    the privatized tensors ``names`` (in that order), equal shares where ``shares`` is
+    empty. ``sum C_i^2 = C^2``, so a sample's joint gradient norm stays at most ``C``: the
+    sensitivity, the noise ``z C`` and the accountant are those of joint clipping."""
+    values = [float(s) for s in shares] if shares else [1.0] * len(names)
+    if len(values) != len(names):
+        raise ConfigError(
+            f"privacy.clip_shares has {len(values)} value(s) {values} but local DP "
+            f"privatizes {len(names)} tensor(s) {list(names)}: give one positive share per "
+            f"tensor in that order (e.g. privacy.clip_shares = {[1.0] * len(names)}), or "
+            "leave it empty for equal shares")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"privacy.clip_shares {values} must all be positive and finite "
+                          f"(one per privatized tensor {list(names)})")
+    total = math.fsum(values)
+    return [clip_norm * math.sqrt(v / total) for v in values]
+
+
 class DPLocalTrainer(LocalTrainer):
     """:class:`LocalTrainer` whose steps are DP-SGD steps on the privatized tensors.
 
@@ -107,13 +158,22 @@ class DPLocalTrainer(LocalTrainer):
             layout with a valid guarantee); the other differentiated tensors get plain
             batch-mean gradients.
         noise: the noise stream (default: a fresh CSPRNG stream).
+        clipping: ``"joint"`` clips each sample's gradient over all privatized tensors
+            together to ``clip_norm``; ``"per-group"`` clips each privatized tensor to its
+            own share of it (:func:`group_clip_norms`), so one tensor with large gradients
+            (DP-FPL's shared ``global_ctx``) cannot take the whole budget from the others.
+            The noise and the accounting are the same.
+        clip_shares: per-group clipping: one positive share per privatized tensor, in the
+            order of ``private_names`` (empty: equal shares).
     """
 
     def __init__(self, classifier: PromptedClassifier, config: TrainConfig, total_steps: int,
                  *, noise_multiplier: float, clip_norm: float, sample_rate: float,
                  expected_batch_size: float, accountant: Accountant,
                  noise: SecureRandom | None = None, chunk: int = 4,
-                 private_names: Sequence[str] | None = None) -> None:
+                 private_names: Sequence[str] | None = None,
+                 clipping: Literal["joint", "per-group"] = "joint",
+                 clip_shares: Sequence[float] = ()) -> None:
         super().__init__(classifier, config, total_steps)
         learner = classifier.learner
         names = list(learner.local_dp_names() if private_names is None else private_names)
@@ -126,11 +186,25 @@ class DPLocalTrainer(LocalTrainer):
         self.noise = noise if noise is not None else SecureRandom()
         # Opacus does clipping, noise and accounting; its inner optimizer is never stepped
         # (the learner's own optimizer applies the update after Eq. 4, where it applies).
-        self.dp_optimizer = SecureDPOptimizer(
-            torch.optim.SGD(self.private, lr=0.0), noise_source=self.noise,
-            noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-            expected_batch_size=max(1, round(expected_batch_size)), loss_reduction="mean",
-        )
+        inner = torch.optim.SGD(self.private, lr=0.0)
+        common = dict(noise_source=self.noise, noise_multiplier=noise_multiplier,
+                      expected_batch_size=max(1, round(expected_batch_size)),
+                      loss_reduction="mean")
+        self.dp_optimizer: SecureDPOptimizer
+        if clipping == "per-group":
+            self.clip_norms = group_clip_norms(clip_norm, clip_shares, names)
+            self.dp_optimizer = SecurePerLayerDPOptimizer(
+                inner, max_grad_norm=self.clip_norms, **common)  # type: ignore[arg-type]
+        elif clipping == "joint":
+            if clip_shares:
+                raise ConfigError("privacy.clip_shares is set but privacy.clipping is "
+                                  "'joint': set privacy.clipping = 'per-group' or drop the "
+                                  "shares")
+            self.clip_norms = [clip_norm]
+            self.dp_optimizer = SecureDPOptimizer(inner, max_grad_norm=clip_norm,
+                                                  **common)  # type: ignore[arg-type]
+        else:
+            raise ConfigError(f"unknown clipping {clipping!r}: use 'joint' or 'per-group'")
         self.dp_optimizer.attach_step_hook(
             lambda opt: accountant.step(opt.noise_multiplier, sample_rate)
         )

@@ -59,9 +59,9 @@ class GenerativeTrainer(LocalTrainer):
 
 class DPGenerativeTrainer(DPLocalTrainer):
     """DP-SGD steps: exact per-sample gradients of the privatized tensors (by default every
-    tensor the prompt differentiates, clipped jointly and noised by Opacus' DPOptimizer,
-    accounted at the Poisson sampling rate); batch-mean gradients of the others (only in
-    the nominal layout)."""
+    tensor the prompt differentiates, clipped jointly or per group (``clipping``) and noised
+    by Opacus' DPOptimizer, accounted at the Poisson sampling rate); batch-mean gradients of
+    the others (only in the nominal layout)."""
 
     def __init__(self, model: GenerativePromptModel, data: EncodedQA, config: TrainConfig,
                  total_steps: int, **dp: Any) -> None:
