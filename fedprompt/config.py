@@ -132,6 +132,13 @@ class DataConfig(_Section):
     min_partition_size: int = Field(
         2, ge=1, description="Dirichlet split: resample until every client has this many"
     )
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="hold out this share of each client's training examples "
+        "as its validation split (stratified per class, at least 1 of each class the client "
+        "has 2 or more of; seeded by data.seed), reported as val-accuracy / val-loss for "
+        "hyperparameter search that never looks at a test split; 0: off. Applies to client "
+        "partitions (not to one-site runs on all data, data.client = -1)"
+    )
     client: int = Field(
         -1, ge=-1, description="one-site training: use this client's partition (-1: all data)"
     )

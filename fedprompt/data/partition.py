@@ -26,11 +26,20 @@ Splits:
 
 All splits are deterministic for a given seed, disjoint across clients and cover every
 image.
+
+**Validation** (``data.validation_fraction > 0``, for hyperparameter search that never
+looks at a test split): after the split, each client holds out that share of its own
+training examples as ``validation``, per class: a class of which the client has ``n >= 2``
+examples gives ``min(n - 1, max(1, round(fraction * n)))`` of them (so at least one, and
+at least one stays in training), a class with a single example gives none. The choice is
+seeded by ``data.seed`` and the client id, from a generator of its own, so the split
+itself (and every partition with the fraction at 0) is unchanged; ``train`` then excludes
+the validation examples, and ``classes`` is unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -46,15 +55,48 @@ class ClientPartition:
     local_test: np.ndarray
     neighbor_test: np.ndarray
     classes: np.ndarray  # classes present in the client's training data
+    #: indices into the training set held out from ``train`` for validation (empty: off)
+    validation: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     def summary(self) -> dict[str, int | list[int]]:
-        return {
+        summary: dict[str, int | list[int]] = {
             "client": self.client_id,
             "train": len(self.train),
             "local_test": len(self.local_test),
             "neighbor_test": len(self.neighbor_test),
             "classes": self.classes.tolist(),
         }
+        if len(self.validation):
+            summary["validation"] = len(self.validation)
+        return summary
+
+
+#: mixed into the validation generator's seed, apart from the split's own generator
+_VALIDATION_STREAM = 0x76616C  # "val"
+
+
+def validation_size(count: int, fraction: float) -> int:
+    """How many of a client's ``count`` examples of one class are held out for validation:
+    ``round(fraction * count)``, at least 1 and at most ``count - 1`` (none of a single
+    example, so that every class the client has stays in its training data)."""
+    if fraction <= 0 or count < 2:
+        return 0
+    return min(count - 1, max(1, int(np.floor(fraction * count + 0.5))))
+
+
+def carve_validation(part: ClientPartition, train_labels: np.ndarray, fraction: float,
+                     seed: int) -> ClientPartition:
+    """``part`` with a stratified share ``fraction`` of its training examples moved to
+    ``validation`` (:func:`validation_size` per class), chosen with ``seed``."""
+    if fraction <= 0:
+        return part
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM, part.client_id])
+    labels = train_labels[part.train]
+    held = [rng.permutation(part.train[labels == c])[:validation_size(
+        int((labels == c).sum()), fraction)] for c in np.unique(labels)]
+    validation = np.sort(np.concatenate(held)) if held else np.empty(0, np.int64)
+    train = np.setdiff1d(part.train, validation, assume_unique=True)
+    return replace(part, train=train, validation=validation.astype(np.int64))
 
 
 def _finish(train_parts: list[np.ndarray], test_parts: list[np.ndarray],
@@ -165,7 +207,8 @@ def iid_split(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: in
 
 def partition(splits: DataSplits, config: DataConfig) -> list[ClientPartition]:
     """The client partitions a run's ``[data]`` section asks for (seeded by
-    ``config.seed``)."""
+    ``config.seed``), each with its validation split where ``data.validation_fraction >
+    0``."""
     seed = config.seed
     train, test = splits.train.labels, splits.test.labels
     n = config.num_clients
@@ -173,8 +216,12 @@ def partition(splits: DataSplits, config: DataConfig) -> list[ClientPartition]:
         raise DataError(f"{n} clients but only {len(train)} training images: lower "
                         "data.num_clients")
     if config.partition == "pathological":
-        return pathological_split(train, test, n, seed)
-    if config.partition == "dirichlet":
-        return dirichlet_split(train, test, n, config.dirichlet_alpha,
-                               config.min_partition_size, seed)
-    return iid_split(train, test, n, seed)
+        parts = pathological_split(train, test, n, seed)
+    elif config.partition == "dirichlet":
+        parts = dirichlet_split(train, test, n, config.dirichlet_alpha,
+                                config.min_partition_size, seed)
+    else:
+        parts = iid_split(train, test, n, seed)
+    if config.validation_fraction > 0:
+        parts = [carve_validation(p, train, config.validation_fraction, seed) for p in parts]
+    return parts

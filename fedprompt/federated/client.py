@@ -182,6 +182,10 @@ class ClientSession:
                            self.splits.test.labels[self.part.local_test])
         self.neighbor_test = (test_all[torch.as_tensor(self.part.neighbor_test)],
                               self.splits.test.labels[self.part.neighbor_test])
+        # held out of training for hyperparameter search (empty unless
+        # data.validation_fraction > 0)
+        self.validation = (train_all[torch.as_tensor(self.part.validation)],
+                           self.splits.train.labels[self.part.validation])
         self.learner = build_method_learner(config, self.backbone, len(self.splits.classnames))
         self.classifier = PromptedClassifier(self.backbone, self.learner,
                                              self.splits.classnames)
@@ -414,6 +418,10 @@ class ClientSession:
                                                        shuffle=False, device=device))
             metrics |= {"neighbor-accuracy": neighbor.accuracy,
                         "neighbor-loss": neighbor.loss}
+        if len(self.validation[1]):
+            val = trainer.evaluate(FeatureBatches(*self.validation, batch, shuffle=False,
+                                                  device=device))
+            metrics |= {"val-accuracy": val.accuracy, "val-loss": val.loss}
         return metrics
 
     # ------------------------------------------------------------------- export

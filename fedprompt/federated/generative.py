@@ -103,6 +103,9 @@ class GenerativeClientSession(ClientSession):
         self.train_data = train_all.select(self.part.train)
         self.local_data = test_all.select(self.part.local_test)
         self.neighbor_data = test_all.select(self.part.neighbor_test)
+        # held out of training for hyperparameter search (data.validation_fraction > 0)
+        self.val_data = (train_all.select(self.part.validation) if len(self.part.validation)
+                         else None)
         # batches are index tensors into train_data (FeatureBatches / PoissonBatches)
         self.train_features = torch.arange(len(self.part.train))
         self.train_labels = self.train_data.labels.numpy()
@@ -156,6 +159,12 @@ class GenerativeClientSession(ClientSession):
             for name in ("exact_match", "ranking_accuracy"):
                 if name in neighbor:
                     metrics[f"neighbor-{name.replace('_', '-')}"] = neighbor[name]
+        if self.val_data is not None:
+            val = self.model.evaluate(self.val_data, batch)
+            metrics |= {"val-accuracy": val["accuracy"], "val-loss": val["loss"]}
+            for name in ("exact_match", "ranking_accuracy"):
+                if name in val:
+                    metrics[f"val-{name.replace('_', '-')}"] = val[name]
         return metrics
 
 

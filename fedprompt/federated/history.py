@@ -68,6 +68,8 @@ ROUND_COLUMNS = [
 #: extra rounds.csv columns of clustered methods (secfpp)
 CLUSTER_COLUMNS = ["clusters", "clustering_k", "clustering_seconds", "clustering_fallback",
                    "cluster_ari"]
+#: extra rounds.csv columns of runs with a validation split (data.validation_fraction)
+VALIDATION_COLUMNS = ["val_accuracy_mean", "val_accuracy_std"]
 
 
 def node_label(node_id: int) -> str:
@@ -218,6 +220,10 @@ class FederatedHistory:
         evaluate = [m for m in record["evaluate"].values() if "untrusted" not in m]
         local_mean, local_std = _stats([m.get("local-accuracy") for m in evaluate])
         neighbor_mean, neighbor_std = _stats([m.get("neighbor-accuracy") for m in evaluate])
+        validation = {}
+        if any("val-accuracy" in m for m in evaluate):
+            val_mean, val_std = _stats([m.get("val-accuracy") for m in evaluate])
+            validation = {"val_accuracy_mean": val_mean, "val_accuracy_std": val_std}
         loss_mean, _ = _stats([m.get("train-loss") for m in train if not m.get("declined")])
         eps = [m.get("epsilon", -1.0) for m in train if m.get("epsilon", -1.0) >= 0]
         server = record["server"]
@@ -242,6 +248,7 @@ class FederatedHistory:
             "neighbor_accuracy_mean": neighbor_mean, "neighbor_accuracy_std": neighbor_std,
             "local_epsilon_max": max(eps) if eps else None,
             "global_epsilon": record["server"].get("global_epsilon"),
+            **validation,
             **clustered,
         }
 
@@ -279,9 +286,11 @@ class FederatedHistory:
         data = self.to_dict()
         write_json(out / "metrics.json", data)
         clustered = any("clusters" in r["server"] for r in data["rounds"])
+        validated = any("val_accuracy_mean" in r["summary"] for r in data["rounds"])
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=ROUND_COLUMNS + (CLUSTER_COLUMNS if
-                                                                   clustered else []))
+        writer = csv.DictWriter(table, fieldnames=ROUND_COLUMNS
+                                + (VALIDATION_COLUMNS if validated else [])
+                                + (CLUSTER_COLUMNS if clustered else []))
         writer.writeheader()
         for record in data["rounds"]:
             writer.writerow(record["summary"])

@@ -25,6 +25,10 @@ PUBLIC = "public: computed from the configuration and the client's data size (pu
 RECORD_LEVEL = "the client's record-level epsilon (post-processing of its noised updates)"
 HELD_OUT = ("post-processing of the client's released prompt on its held-out test split: "
             "covered for its training records; the test records themselves are not protected")
+VALIDATION = ("post-processing of the client's released prompt on its validation split "
+              "(training examples held out of training, data.validation_fraction): covered "
+              "for its training records; the validation records themselves are not "
+              "protected")
 NOT_COVERED = "NOT covered by any epsilon (computed from training data without noise)"
 
 #: fields of a client's train reply, and what covers each
@@ -49,6 +53,7 @@ EVALUATE_FIELDS: dict[str, str] = {
     "num-examples": "the size of the client's test split (public, as its data size)",
     "local-*": HELD_OUT,
     "neighbor-*": HELD_OUT,
+    "val-*": VALIDATION,
 }
 #: per-client figures the server records about a round's updates
 SERVER_FIELDS: dict[str, str] = {
