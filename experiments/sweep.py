@@ -1,7 +1,8 @@
 """Run a grid of federated experiments and tabulate it in DP-FPL's layout (Tables 2-4).
 
     python experiments/sweep.py GRID.toml [--dry-run] [--quick] [--out DIR]
-        [--seeds 1 2 ...] [--set key=value ...] [--report-only] [--threads N]
+        [--seeds 1 2 ...] [--methods M ...] [--epsilons E ...] [--datasets TEXT ...]
+        [--set key=value ...] [--audit one-run|all] [--report-only] [--threads N]
 
 A grid file names the axes; every cell (data set x method x epsilon x seed) is one
 ``strategies.inprocess.run_inprocess`` run::
@@ -13,6 +14,8 @@ A grid file names the axes; every cell (data set x method x epsilon x seed) is o
     seeds = [1, 2, 3]
     privacy_mode = "target-epsilon"          # mode of the non-"none" epsilons (or "nominal")
     report_last_rounds = 1                   # average accuracy over the last k evaluated rounds
+    audit = "one-run"                        # optional: `fedprompt audit` each done cell
+                                             # ("one-run" bound, or "all" with the attacks)
     set = { "federation.rounds" = 10 }       # overrides for every cell
 
     [[datasets]]                             # one table column each
@@ -28,7 +31,8 @@ a ``backbone.model`` that starts with ``.`` is relative to the repository root (
 holding ``experiments/``), whatever the working directory. A cell whose data set or
 checkpoint folder does not exist is skipped with the reason printed and recorded.
 Overrides apply in this order: config file, grid ``set``, column ``set``, the cell's axes,
-then ``--set``.
+then ``--set``. ``--methods``, ``--epsilons`` and ``--datasets`` run a piece of the grid
+(cells already done are kept, so a grid can be filled in over several invocations).
 
 Output folder (default ``results/sweeps/<name>``, ``-quick`` appended with ``--quick``):
 
@@ -38,7 +42,9 @@ Output folder (default ``results/sweeps/<name>``, ``-quick`` appended with ``--q
 * ``runs/<cell>-<time>/``: each run's results folder (metrics.json, privacy ledger, plots);
 * ``cells.csv``: one row per cell; ``table.md``: local and neighbor accuracy tables (rows
   epsilon, columns data sets, "PromptFL / FedPGP / DP-FPL" mean over seeds +- std) with
-  the accountant epsilon spent beside each privacy level; ``accuracy_vs_epsilon.png``.
+  the accountant epsilon spent beside each privacy level, and with ``audit`` a table of
+  each cell's empirical epsilon lower bound beside its accountant epsilon (the cell's
+  ``audit.json`` is in its results folder); ``accuracy_vs_epsilon.png``.
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason"
                "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
                "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
                "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
-               "clustering_seconds", "seconds", "results"]
+               "clustering_seconds", "audit_epsilon_lower_bound", "audit_accountant_epsilon",
+               "audit_best_auc", "seconds", "results"]
 
 
 # ----------------------------------------------------------------------------- grid
@@ -97,6 +104,13 @@ class Grid:
     privacy_mode: str = "target-epsilon"
     report_last_rounds: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
+    audit: str = "off"  # "off", "one-run" or "all" (see AUDIT_MODES)
+
+
+#: grid key ``audit``: what ``fedprompt audit`` runs on each done cell (client
+#: ``audit.client`` of the cell's run); "one-run": the one-run bound only (one extra
+#: training per cell); "all": also the membership attacks (``audit.shadows`` more)
+AUDIT_MODES = ("off", "one-run", "all")
 
 
 def load_grid(path: Path, quick: bool = False) -> Grid:
@@ -126,7 +140,16 @@ def load_grid(path: Path, quick: bool = False) -> Grid:
                 seeds=[int(s) for s in data.get("seeds", [0])],
                 privacy_mode=data.get("privacy_mode", "target-epsilon"),
                 report_last_rounds=int(data.get("report_last_rounds", 1)),
-                overrides=flatten(data.get("set", {})))
+                overrides=flatten(data.get("set", {})), audit=_audit_mode(data, path))
+
+
+def _audit_mode(data: dict[str, Any], path: Path) -> str:
+    value = data.get("audit", "off")
+    mode = {True: "one-run", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in AUDIT_MODES:
+        raise SystemExit(f"{path}: audit = {value!r}; use one of {', '.join(AUDIT_MODES)} "
+                         "(or true for one-run)")
+    return str(mode)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -240,6 +263,33 @@ def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
             "rounds_evaluated": [s["round"] for s in last]}
 
 
+def audit_cell(grid: Grid, cell: Cell, results: Path) -> dict[str, Any]:
+    """Run ``fedprompt audit`` on a done cell's results folder; the figures for the table
+    (an audit that fails is recorded as such and does not fail the cell)."""
+    from fedprompt.audit.run import run_audit
+
+    config = cell.config.with_overrides({"audit.membership": grid.audit == "all",
+                                         "audit.one_run": True}, source="sweep audit")
+    try:
+        report_ = run_audit(config, results, progress=False).report
+    except Exception as exc:  # the cell's training stands; say why its audit is missing
+        console.print(f"[red]audit failed[/] {cell.key}: {exc!r}")
+        return {"audit_error": repr(exc)}
+    one = report_["one_run"]
+    attacks = report_.get("membership", {}).get("attacks", {})
+    figures = {"audit_epsilon_lower_bound": one["epsilon_lower_bound"],
+               "audit_accountant_epsilon": one["accountant_epsilon"],
+               "audit_best_auc": max((a["auc"] for a in attacks.values()), default=None)}
+    console.print(f"[green]audit[/] {cell.key}: empirical epsilon >= "
+                  f"{one['epsilon_lower_bound']:.3f} vs accountant "
+                  f"{_pct_or(one['accountant_epsilon'])}")
+    return figures
+
+
+def _pct_or(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
 def save_index(index: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
@@ -268,6 +318,9 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
             if (old.get("status") == "done" and old.get("fingerprint") == cell.fingerprint
                     and Path(old.get("results", "")).joinpath("metrics.json").is_file()):
                 counts["already done"] += 1
+                if grid.audit != "off" and "audit_epsilon_lower_bound" not in old:
+                    old |= audit_cell(grid, cell, Path(old["results"]))
+                    save_index(index, index_path)
                 progress.advance(task)
                 continue
             if old.get("status") == "done":
@@ -289,6 +342,8 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                     run_inprocess(cell.config, output_dir=results)
                     figures = read_figures(results, grid.report_last_rounds)
                     records[cell.key] |= {"status": "done", **figures}
+                    if grid.audit != "off":
+                        records[cell.key] |= audit_cell(grid, cell, results)
                     counts["ran"] += 1
                     console.print(f"[green]done[/] {cell.key} in {time.time() - start:.0f} s: "
                                   f"local {_pct(figures['local_accuracy'])}, neighbor "
@@ -393,6 +448,24 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
                          f"{'–' if ari is None else f'{ari:.2f}'} | "
                          f"{'–' if secs is None else f'{secs:.2f}'} |")
         lines.append("")
+    audited = [r for r in records if r.get("status") == "done"
+               and r.get("audit_epsilon_lower_bound") is not None]
+    if audited:
+        lines += ["### Audit (record-level, one client per cell)", "",
+                  "Empirical epsilon lower bound of the one-run audit (Steinke et al. 2023, "
+                  "95% confidence unless audit.confidence says otherwise) beside the "
+                  "accountant's epsilon of the same canaried training; best membership AUC "
+                  "where the grid ran the attacks (audit = \"all\").", "",
+                  "| data set | method | ε | seed | lower bound | accountant ε | best AUC |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in audited:
+            auc = r.get("audit_best_auc")
+            lines.append(f"| {r['dataset']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                         f"{r['epsilon']} | {r['seed']} | "
+                         f"{r['audit_epsilon_lower_bound']:.3f} | "
+                         f"{_pct_or(r.get('audit_accountant_epsilon'))} | "
+                         f"{'–' if auc is None else f'{auc:.3f}'} |")
+        lines.append("")
     counts: dict[str, int] = {}
     for r in records:
         counts[r.get("status", "not run")] = counts.get(r.get("status", "not run"), 0) + 1
@@ -468,12 +541,38 @@ def report(grid: Grid, cells: list[Cell], index: dict, out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- command
+def select(grid: Grid, methods: list[str] | None, epsilons: list[str] | None,
+           datasets: list[str] | None) -> None:
+    """Keep only the named methods, epsilons and columns of ``grid`` (a grid is run in
+    pieces: fewer seeds or cells first, the rest later into the same folder)."""
+    if methods:
+        unknown = sorted(set(methods) - set(grid.methods))
+        if unknown:
+            raise SystemExit(f"--methods {unknown} are not in the grid's {grid.methods}")
+        grid.methods = [m for m in grid.methods if m in methods]
+    if epsilons:
+        wanted = {None if e.lower() == "none" else float(e) for e in epsilons}
+        if wanted - set(grid.epsilons):
+            raise SystemExit(f"--epsilons {epsilons} are not all in the grid's "
+                             f"{['none' if e is None else e for e in grid.epsilons]}")
+        grid.epsilons = [e for e in grid.epsilons if e in wanted]
+    if datasets:
+        grid.columns = [c for c in grid.columns if any(t in c.label for t in datasets)]
+        if not grid.columns:
+            raise SystemExit(f"--datasets {datasets} match no column label")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid", type=Path, help="grid TOML file")
     parser.add_argument("--out", type=Path, help="output folder (default: "
                         "results/sweeps/<grid name>)")
     parser.add_argument("--seeds", type=int, nargs="+", help="replace the grid's seeds")
+    parser.add_argument("--methods", nargs="+", help="run only these of the grid's methods")
+    parser.add_argument("--epsilons", nargs="+", help="run only these of the grid's epsilons "
+                        "('none' or numbers)")
+    parser.add_argument("--datasets", nargs="+", metavar="TEXT", help="run only the columns "
+                        "whose label contains one of these texts")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override for every cell (applied last)")
     parser.add_argument("--quick", action="store_true", help="apply the grid's [quick] section")
@@ -483,11 +582,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round log")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--audit", choices=AUDIT_MODES, help="audit every done cell (replaces "
+                        "the grid's audit key): one-run bound, or all attacks")
     args = parser.parse_args(argv)
 
     grid = load_grid(args.grid.resolve(), args.quick)
     if args.seeds:
         grid.seeds = args.seeds
+    select(grid, args.methods, args.epsilons, args.datasets)
+    if args.audit:
+        grid.audit = args.audit
     out = (args.out or ROOT / "results" / "sweeps" / grid.name).resolve()
     cells = build_cells(grid, out, args.overrides)
     index_path = out / "sweep.json"

@@ -129,3 +129,24 @@ def test_the_frontier_grid_is_record_level_and_gives_every_client_two_classes(
             continue
         parts = partition(load_dataset(config.data), config.data)
         assert min(len(p.classes) for p in parts) >= 2, label
+
+
+def test_a_piece_of_the_grid_then_the_audit_column(sweep, tmp_path: Path) -> None:
+    """--epsilons runs a piece; a second invocation with --audit audits the done cell
+    without retraining it and the table shows its bound beside its accountant epsilon."""
+    out = tmp_path / "out"
+    argv = [str(_grid(tmp_path)), "--out", str(out), "--no-progress", "--datasets", "digits",
+            "--epsilons", "1", "--set", "audit.canaries=16"]
+    assert sweep.main(argv) == 0
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    assert list(cells) == ["digits/dpfpl/eps=1/seed=0"]
+    results = cells["digits/dpfpl/eps=1/seed=0"]["results"]
+    assert sweep.main([*argv, "--audit", "one-run"]) == 0
+    cell = json.loads((out / "sweep.json").read_text())["cells"]["digits/dpfpl/eps=1/seed=0"]
+    assert cell["results"] == results  # not retrained
+    assert 0.0 <= cell["audit_epsilon_lower_bound"] <= cell["audit_accountant_epsilon"] <= 1.0001
+    assert (Path(results) / "audit.json").is_file()
+    table = (out / "table.md").read_text()
+    assert "### Audit (record-level" in table
+    with pytest.raises(SystemExit, match="not in the grid"):
+        sweep.main([*argv, "--methods", "promptfl", "--dry-run"])
