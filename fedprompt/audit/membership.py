@@ -1,11 +1,14 @@
 """Membership inference against a client's released prompt.
 
 Members are the client's training records, non-members its held-out test records (same
-classes, same distribution). The attacker has the public backbone and the released prompt
-(DP-FPL's "prompt as a service") and trains ``audit.shadows`` shadow prompts exactly like
-the client (:func:`~fedprompt.audit.training.train_like_client`), each on a random half of
-the pooled members and non-members, so that every record is "in" about half of the
-shadows and "out" of the others (the online setting of Carlini et al.). Four attacks:
+classes, same distribution; at most as many as the members, drawn at random). The attacker
+has the public backbone and the released prompt (DP-FPL's "prompt as a service") and
+trains ``audit.shadows`` shadow prompts exactly like the client
+(:func:`~fedprompt.audit.training.train_like_client`), each on a random subset of the
+pooled members and non-members **of the client's own size** (so a shadow's sampling rate,
+noise and steps are the client's), so that every record is "in" some shadows and "out" of
+others (the online setting of Carlini et al.; with as many non-members as members a
+record is in half of the shadows). Four attacks:
 
 * ``loss``: the target's loss on the record, lower = member (Yeom et al.); no shadows;
 * ``lira``: the likelihood-ratio attack (Carlini et al., S&P 2022): per record, Gaussians
@@ -15,10 +18,6 @@ shadows and "out" of the others (the online setting of Carlini et al.). Four att
   shadows' sorted output vectors labelled in/out, applied to the target's;
 * ``prompt-vector``: the prompt alone, no queried outputs
   (:func:`~fedprompt.audit.scores.embedding_shift`).
-
-The shadows' training sets hold about half of the pooled records, the client's holds all
-of its training records: with the default 25% test share a shadow trains on about 2/3 of
-the client's count, close enough for the statistics the attacks use.
 """
 
 from __future__ import annotations
@@ -106,21 +105,25 @@ def run_membership(config: RunConfig, session: ClientSession, target: Tensor,
     if len(test_labels) == 0:
         raise ValueError(f"client {audit.client} has no held-out test records to serve as "
                          "non-members: give it more data or raise data.test_fraction")
-    features = torch.cat([session.train_features.cpu(), test_features.cpu()])
-    labels = np.concatenate([np.asarray(session.train_labels), np.asarray(test_labels)])
+    rng = np.random.default_rng([audit.seed, 0xA0D1])
+    members = len(session.train_labels)
+    chosen = torch.as_tensor(rng.permutation(len(test_labels))[:members])
+    features = torch.cat([session.train_features.cpu(), test_features.cpu()[chosen]])
+    labels = np.concatenate([np.asarray(session.train_labels),
+                             np.asarray(test_labels)[chosen.numpy()]])
     member = np.zeros(len(labels), dtype=bool)
-    member[:len(session.train_labels)] = True
+    member[:members] = True
     classifier = session.classifier
 
-    rng = np.random.default_rng([audit.seed, 0xA0D1])
-    shadow_in = rng.random((audit.shadows, len(labels))) < 0.5
+    # each shadow trains on a random subset of the client's own size
+    shadow_in = np.zeros((audit.shadows, len(labels)), dtype=bool)
+    for s in range(audit.shadows):
+        shadow_in[s, rng.choice(len(labels), size=members, replace=False)] = True
     shadow_conf = np.zeros(shadow_in.shape)
     shadow_feats = []
     shadow_epsilon = None
     for s in range(audit.shadows):
         mask = shadow_in[s]
-        if mask.sum() == 0:  # vanishingly rare; keep one record so the shadow can train
-            mask[rng.integers(len(mask))] = True
         trained = train_like_client(config, audit.client, features[mask], labels[mask],
                                     stream=STREAM_BASE + 1 + s)
         shadow_epsilon = trained.epsilon
