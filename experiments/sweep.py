@@ -81,8 +81,9 @@ CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason"
                "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
                "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
                "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
-               "clustering_seconds", "audit_epsilon_lower_bound", "audit_accountant_epsilon",
-               "audit_best_auc", "seconds", "results"]
+               "clustering_seconds", "untrained_local_accuracy",
+               "untrained_neighbor_accuracy", "audit_epsilon_lower_bound",
+               "audit_accountant_epsilon", "audit_best_auc", "seconds", "results"]
 
 
 # ----------------------------------------------------------------------------- grid
@@ -263,6 +264,25 @@ def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
             "rounds_evaluated": [s["round"] for s in last]}
 
 
+def untrained_figures(config: RunConfig) -> dict[str, float | None]:
+    """Mean over clients of the local and neighbor accuracy of the **initial** prompt of
+    ``config`` (its method, its seed): the baseline a method's gain is measured from. It
+    evaluates every client's untrained prompt on its test split, as a round's evaluation
+    does (no training data is touched)."""
+    from fedprompt.federated.client import ClientSession
+
+    num = config.data.num_clients
+    local, neighbor = [], []
+    for client in range(num):
+        session = ClientSession(config, client, num)
+        metrics = session.evaluate(session.initial_shared, None)
+        local.append(float(metrics["local-accuracy"]))
+        if "neighbor-accuracy" in metrics:
+            neighbor.append(float(metrics["neighbor-accuracy"]))
+    return {"untrained_local_accuracy": float(np.mean(local)),
+            "untrained_neighbor_accuracy": float(np.mean(neighbor)) if neighbor else None}
+
+
 def audit_cell(grid: Grid, cell: Cell, results: Path) -> dict[str, Any]:
     """Run ``fedprompt audit`` on a done cell's results folder; the figures for the table
     (an audit that fails is recorded as such and does not fail the cell)."""
@@ -318,6 +338,9 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
             if (old.get("status") == "done" and old.get("fingerprint") == cell.fingerprint
                     and Path(old.get("results", "")).joinpath("metrics.json").is_file()):
                 counts["already done"] += 1
+                if cell.epsilon is None and "untrained_local_accuracy" not in old:
+                    old |= untrained_figures(cell.config)
+                    save_index(index, index_path)
                 if grid.audit != "off" and "audit_epsilon_lower_bound" not in old:
                     old |= audit_cell(grid, cell, Path(old["results"]))
                     save_index(index, index_path)
@@ -342,6 +365,8 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                     run_inprocess(cell.config, output_dir=results)
                     figures = read_figures(results, grid.report_last_rounds)
                     records[cell.key] |= {"status": "done", **figures}
+                    if cell.epsilon is None:
+                        records[cell.key] |= untrained_figures(cell.config)
                     if grid.audit != "off":
                         records[cell.key] |= audit_cell(grid, cell, results)
                     counts["ran"] += 1
@@ -404,6 +429,44 @@ def _spent(records: list[dict[str, Any]], eps: str) -> str:
     return f"nominal {eps}; accountant {text}" if nominal else text
 
 
+def gain_kept(records: list[dict[str, Any]], dataset: str, eps: str, method: str
+              ) -> float | None:
+    """Mean over seeds of ``(acc(eps) - acc(untrained)) / (acc(none) - acc(untrained))``
+    (local accuracy, paired by seed): the share of the non-private gain a private run
+    keeps."""
+    shares = []
+    for private in _group(records, dataset, eps, method):
+        for plain in _group(records, dataset, "none", method):
+            base = plain.get("untrained_local_accuracy")
+            if plain["seed"] != private["seed"] or base is None:
+                continue
+            gain = plain["local_accuracy"] - base
+            if gain > 0 and private.get("local_accuracy") is not None:
+                shares.append((private["local_accuracy"] - base) / gain)
+    return float(np.mean(shares)) if shares else None
+
+
+def gain_table(grid: Grid, records: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the share of the non-private gain over the untrained prompt each
+    private row keeps (empty when no pair of runs allows it)."""
+    numeric = [f"{e:g}" for e in grid.epsilons if e is not None]
+    datasets = [c.label for c in grid.columns]
+    rows = []
+    for eps in numeric:
+        cells = []
+        for dataset in datasets:
+            parts = [gain_kept(records, dataset, eps, method) for method in grid.methods]
+            cells.append(" / ".join("–" if p is None else f"{100 * p:.0f}%" for p in parts))
+        if any(c.strip("–/ ") for c in cells):
+            rows.append(f"| {eps} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["### Share of the non-private gain kept (local accuracy)", "",
+            "(private - untrained) / (non-private - untrained), same method, same rounds, "
+            "paired by seed.", "", "| ε | " + " | ".join(datasets) + " |",
+            "|---" * (len(datasets) + 1) + "|", *rows, ""]
+
+
 def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
     datasets = [c.label for c in grid.columns]
     eps_labels = ["none" if e is None else f"{e:g}" for e in grid.epsilons]
@@ -415,12 +478,23 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
                 if grid.report_last_rounds > 1 else ", last round")
              + "), mean over seeds ± sample std over seeds. Privacy mode of the non-'none' "
              f"rows: `{grid.privacy_mode}`. \"ε spent\": the accountant's epsilon at "
-             "δ from the run, max over clients (local DP) / server (global DP), max over "
-             "the row's runs.", ""]
+             "δ from the run: **record-level** (local DP, max over clients) / "
+             "**user-level** (server DP), max over the row's runs; '–' where that level "
+             "is off. \"untrained\": the initial prompt of each method (same seeds).", ""]
     for metric, title in [("local_accuracy", "Local accuracy (Table 2 layout)"),
                           ("neighbor_accuracy", "Neighbor accuracy (Table 3 layout)")]:
         lines += [f"### {title}", "", "| ε | " + " | ".join(datasets) + " | ε spent |",
                   "|---" * (len(datasets) + 2) + "|"]
+        untrained = []
+        for dataset in datasets:
+            parts = []
+            for method in grid.methods:
+                stats = _stats([r.get(f"untrained_{metric}")
+                                for r in _group(records, dataset, "none", method)])
+                parts.append("–" if stats is None else f"{100 * stats[0]:.2f}")
+            untrained.append(" / ".join(parts))
+        if any(part.strip("–/ ") for part in untrained):
+            lines.append("| untrained | " + " | ".join(untrained) + " | – |")
         for eps in eps_labels:
             cells = []
             for dataset in datasets:
@@ -436,6 +510,7 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
                 cells.append(" / ".join(parts))
             lines.append(f"| {eps} | " + " | ".join(cells) + f" | {_spent(records, eps)} |")
         lines.append("")
+    lines += gain_table(grid, records)
     clustered = [r for r in records if r.get("status") == "done" and "clusters" in r]
     if clustered:
         lines += ["### Clustering (clustered methods, last round)", "",

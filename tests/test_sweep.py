@@ -54,6 +54,8 @@ def test_sweep_writes_index_table_csv_and_resumes(sweep, tmp_path: Path, capsys)
         assert (Path(cells[key]["results"]) / "metrics.json").is_file()
         assert 0.0 <= cells[key]["local_accuracy"] <= 1.0
     assert cells["digits/dpfpl/eps=none/seed=0"]["privacy_label"] == "off"
+    # the baseline of the gain: every client's initial prompt, evaluated
+    assert 0.0 <= cells["digits/dpfpl/eps=none/seed=0"]["untrained_local_accuracy"] <= 1.0
     private = cells["digits/dpfpl/eps=1/seed=0"]
     assert private["privacy_label"] == "accountant"
     assert 0.0 < private["local_epsilon_max"] <= 1.0 + 1e-6
@@ -71,6 +73,7 @@ def test_sweep_writes_index_table_csv_and_resumes(sweep, tmp_path: Path, capsys)
     table = (out / "table.md").read_text()
     assert "| ε | digits | absent | ε spent |" in table
     local = table.split("### Neighbor")[0]
+    assert "| untrained |" in local and "record-level" in table and "user-level" in table
     row = next(line for line in local.splitlines() if line.startswith("| 1 |"))
     assert row.split("|")[3].strip() == "–"  # the skipped column has no number
     assert float(row.split("|")[2].split("/")[0]) >= 0  # "DP-FPL" local accuracy in %
