@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -310,10 +311,29 @@ def _pct_or(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
 
 
-def save_index(index: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, path)
+def save_index(index: dict[str, Any], path: Path, keys: list[str] | None = None) -> dict:
+    """Write ``index`` to ``path`` atomically, merging under a lock with what other sweep
+    processes wrote there meanwhile: only the cells named in ``keys`` (default: all of
+    ``index``'s) are taken from ``index``, so two invocations that run different cells of a
+    grid into one folder (``--methods``/``--epsilons``/``--datasets``) keep each other's
+    records. Returns the merged index."""
+    lock = path.with_suffix(".lock")
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            current = (json.loads(path.read_text()) if path.is_file()
+                       else {"schema": SCHEMA, "cells": {}})
+            cells = current.get("cells", {})
+            for key in index["cells"] if keys is None else keys:
+                cells[key] = index["cells"][key]
+            merged = {**current, **{k: v for k, v in index.items() if k != "cells"},
+                      "cells": cells}
+            tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(merged, indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return merged
 
 
 def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = True,
@@ -340,10 +360,10 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                 counts["already done"] += 1
                 if cell.epsilon is None and "untrained_local_accuracy" not in old:
                     old |= untrained_figures(cell.config)
-                    save_index(index, index_path)
+                    save_index(index, index_path, [cell.key])
                 if grid.audit != "off" and "audit_epsilon_lower_bound" not in old:
                     old |= audit_cell(grid, cell, Path(old["results"]))
-                    save_index(index, index_path)
+                    save_index(index, index_path, [cell.key])
                 progress.advance(task)
                 continue
             if old.get("status") == "done":
@@ -359,7 +379,7 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
             else:
                 results = create_run_dir(cell.config)
                 records[cell.key] = record | {"status": "running", "results": str(results)}
-                save_index(index, index_path)
+                save_index(index, index_path, [cell.key])
                 start = time.time()
                 try:
                     run_inprocess(cell.config, output_dir=results)
@@ -379,12 +399,11 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                     counts["failed"] += 1
                     console.print(f"[red]failed[/] {cell.key}: {exc!r}")
                 records[cell.key]["seconds"] = time.time() - start
-            save_index(index, index_path)
+            save_index(index, index_path, [cell.key])
             progress.advance(task)
     console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
     index["counts"] = counts
-    save_index(index, index_path)
-    return index
+    return save_index(index, index_path, [])
 
 
 # ----------------------------------------------------------------------------- reporting

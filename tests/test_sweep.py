@@ -153,3 +153,17 @@ def test_a_piece_of_the_grid_then_the_audit_column(sweep, tmp_path: Path) -> Non
     assert "### Audit (record-level" in table
     with pytest.raises(SystemExit, match="not in the grid"):
         sweep.main([*argv, "--methods", "promptfl", "--dry-run"])
+
+
+def test_two_sweeps_into_one_folder_keep_each_others_cells(sweep, tmp_path: Path) -> None:
+    """Each process writes only the cells it ran: a second process that loaded the index
+    before the first wrote does not erase the first one's records."""
+    path = tmp_path / "sweep.json"
+    first = {"schema": sweep.SCHEMA, "cells": {"a": {"status": "running"}}}
+    second = {"schema": sweep.SCHEMA, "cells": {"b": {"status": "running"}}}
+    sweep.save_index(first, path, ["a"])
+    first["cells"]["a"] = {"status": "done"}
+    sweep.save_index(second, path, ["b"])  # loaded before "a" was done
+    merged = sweep.save_index(first, path, ["a"])
+    assert merged["cells"] == {"a": {"status": "done"}, "b": {"status": "running"}}
+    assert json.loads(path.read_text())["cells"] == merged["cells"]
