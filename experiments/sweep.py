@@ -656,7 +656,7 @@ def select(grid: Grid, methods: list[str] | None, epsilons: list[str] | None,
             raise SystemExit(f"--datasets {datasets} match no column label")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid", type=Path, help="grid TOML file")
     parser.add_argument("--out", type=Path, help="output folder (default: "
@@ -678,8 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--audit", choices=AUDIT_MODES, help="audit every done cell (replaces "
                         "the grid's audit key): one-run bound, or all attacks")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, Grid, Path, list[Cell]]:
+    """Parse the command line and build the grid, output folder and cells it selects."""
+    args = _parser().parse_args(argv)
     grid = load_grid(args.grid.resolve(), args.quick)
     if args.seeds:
         grid.seeds = args.seeds
@@ -687,7 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.audit:
         grid.audit = args.audit
     out = (args.out or ROOT / "results" / "sweeps" / grid.name).resolve()
-    cells = build_cells(grid, out, args.overrides)
+    return args, grid, out, build_cells(grid, out, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, grid, out, cells = plan(argv)
     index_path = out / "sweep.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"cells": {}}
     if args.dry_run:
