@@ -80,8 +80,8 @@ METHOD_NAMES = {"promptfl": "PromptFL", "fedpgp": "FedPGP", "dpfpl": "DP-FPL", "
                 "dpfpl-full-rank": "DP-FPL full rank"}
 CSV_COLUMNS = ["key", "dataset", "method", "epsilon", "seed", "status", "reason",
                "local_accuracy", "local_accuracy_client_std", "neighbor_accuracy",
-               "neighbor_accuracy_client_std", "local_epsilon_max", "global_epsilon",
-               "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
+               "neighbor_accuracy_client_std", "val_accuracy", "local_epsilon_max",
+               "global_epsilon", "privacy_label", "nominal_epsilon", "clusters", "cluster_ari",
                "clustering_seconds", "untrained_local_accuracy",
                "untrained_neighbor_accuracy", "audit_epsilon_lower_bound",
                "audit_accountant_epsilon", "audit_best_auc", "seconds", "results"]
@@ -258,6 +258,7 @@ def read_figures(results: Path, last_rounds: int) -> dict[str, Any]:
             "local_accuracy_client_std": mean("local_accuracy_std"),
             "neighbor_accuracy": mean("neighbor_accuracy_mean"),
             "neighbor_accuracy_client_std": mean("neighbor_accuracy_std"),
+            "val_accuracy": mean("val_accuracy_mean"),
             "local_epsilon_max": most("local_epsilon_max"),
             "global_epsilon": most("global_epsilon"),
             "privacy_label": privacy["label"] if privacy["mode"] != "off" else "off",
@@ -500,8 +501,12 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
              "δ from the run: **record-level** (local DP, max over clients) / "
              "**user-level** (server DP), max over the row's runs; '–' where that level "
              "is off. \"untrained\": the initial prompt of each method (same seeds).", ""]
-    for metric, title in [("local_accuracy", "Local accuracy (Table 2 layout)"),
-                          ("neighbor_accuracy", "Neighbor accuracy (Table 3 layout)")]:
+    tables = [("local_accuracy", "Local accuracy (Table 2 layout)"),
+              ("neighbor_accuracy", "Neighbor accuracy (Table 3 layout)")]
+    if any(r.get("val_accuracy") is not None for r in records):
+        tables.append(("val_accuracy", "Validation accuracy (held out from each client's "
+                                       "training data: what a hyperparameter search reads)"))
+    for metric, title in tables:
         lines += [f"### {title}", "", "| ε | " + " | ".join(datasets) + " | ε spent |",
                   "|---" * (len(datasets) + 2) + "|"]
         untrained = []
