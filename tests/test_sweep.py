@@ -167,3 +167,13 @@ def test_two_sweeps_into_one_folder_keep_each_others_cells(sweep, tmp_path: Path
     merged = sweep.save_index(first, path, ["a"])
     assert merged["cells"] == {"a": {"status": "done"}, "b": {"status": "running"}}
     assert json.loads(path.read_text())["cells"] == merged["cells"]
+
+
+def test_the_search_grid_reads_a_validation_split_never_the_test_split(sweep, tmp_path) -> None:
+    path = SWEEP.parent / "configs" / "offline" / "frontier_search.toml"
+    built = sweep.build_cells(sweep.load_grid(path), tmp_path, [])
+    assert len(built) == 15
+    for cell in built:
+        assert cell.config.data.validation_fraction == 0.2
+        assert cell.config.privacy.local and not cell.config.privacy.server
+        assert cell.config.privacy.epsilon == 1.0
