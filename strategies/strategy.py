@@ -83,6 +83,13 @@ def run_folder_name(config: RunConfig, output_dir: Path) -> str:
     return output_dir.name if output_dir.resolve().parent == base else ""
 
 
+def _rounded(value: float | None, spread: float | None = None) -> str:
+    """A figure for the log: 4 significant digits, "-" when nobody reported it (not 0)."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" + ("" if spread is None else f" +- {spread:.2g}")
+
+
 def _summary_metrics(summary: dict) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in summary.items()
                          if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -198,9 +205,10 @@ class FedPromptStrategy(Strategy):
             server_round, self._replies(server_round, MessageType.EVALUATE, replies))
         self.server.history.write(self.output_dir)
         summary = self.server.history.summary(server_round)
-        log.info("round %d: local acc %.4f +- %.4f, neighbor acc %s, local eps max %s, "
-                 "global eps %s", server_round, summary["local_accuracy_mean"] or 0.0,
-                 summary["local_accuracy_std"] or 0.0, summary["neighbor_accuracy_mean"],
-                 summary["local_epsilon_max"], summary["global_epsilon"])
+        log.info("round %d: local acc %s, neighbor acc %s, record-level eps (max over "
+                 "clients) %s, user-level eps %s", server_round,
+                 _rounded(summary["local_accuracy_mean"], summary["local_accuracy_std"]),
+                 _rounded(summary["neighbor_accuracy_mean"], summary["neighbor_accuracy_std"]),
+                 _rounded(summary["local_epsilon_max"]), _rounded(summary["global_epsilon"]))
         return _summary_metrics(summary)
 
