@@ -22,6 +22,7 @@ A grid file names the axes; every cell (data set x method x epsilon x seed) is o
     label = "Caltech101"
     config = "caltech101.toml"               # replaces `base` for this column
     set = { "data.num_clients" = 10 }        # overrides for this column
+    methods = ["promptfl", "dpfpl"]          # optional: only these methods in this column
 
     [quick]                                  # --quick: these keys replace the ones above
     seeds = [0]                              # (`set` is merged instead)
@@ -93,6 +94,7 @@ class Column:
     label: str
     config: Path | None
     overrides: dict[str, Any] = field(default_factory=dict)
+    methods: list[str] | None = None  # only these of the grid's methods (None: all)
 
 
 @dataclass
@@ -117,6 +119,7 @@ AUDIT_MODES = ("off", "one-run", "all")
 
 def load_grid(path: Path, quick: bool = False) -> Grid:
     data = tomllib.loads(path.read_text())
+    all_methods = list(data.get("methods", []))
     if quick:
         if "quick" not in data:
             raise SystemExit(f"{path} has no [quick] section, so --quick does not apply")
@@ -131,8 +134,13 @@ def load_grid(path: Path, quick: bool = False) -> Grid:
     for entry in data.get("datasets", []):
         if isinstance(entry, str):  # a bare data set path
             entry = {"label": Path(entry).name, "set": {"data.dataset": entry}}
+        only = entry.get("methods")
+        if only is not None and set(only) - set(all_methods):
+            raise SystemExit(f"{path}: column {entry['label']!r} names methods "
+                             f"{sorted(set(only) - set(all_methods))} that the grid's "
+                             "methods do not list")
         columns.append(Column(entry["label"], rel(entry.get("config", data.get("base"))),
-                              flatten(entry.get("set", {}))))
+                              flatten(entry.get("set", {})), only))
     if not columns:
         raise SystemExit(f"{path} lists no [[datasets]]")
     epsilons = [None if str(e).lower() == "none" else float(e)
@@ -215,6 +223,8 @@ def build_cells(grid: Grid, out: Path, extra: list[str]) -> list[Cell]:
     for column in grid.columns:
         for eps in grid.epsilons:
             for method in grid.methods:
+                if column.methods is not None and method not in column.methods:
+                    continue
                 for seed in grid.seeds:
                     privacy = ({"privacy.mode": "off"} if eps is None else
                                {"privacy.mode": grid.privacy_mode, "privacy.epsilon": eps})

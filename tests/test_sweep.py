@@ -112,23 +112,26 @@ def test_shipped_grids_resolve(sweep, tmp_path: Path, grid: str, cells: int) -> 
 
 def test_the_frontier_grid_is_record_level_and_gives_every_client_two_classes(
         sweep, tmp_path: Path) -> None:
-    """experiments/configs/offline/frontier.toml: 432 cells (24 with --quick), local DP only,
-    and, where the shared data sets are present, at least 2 classes per client in every
-    column (pathological needs fewer clients than 10 for that; the file says so)."""
+    """experiments/configs/offline/frontier.toml: 504 cells (32 with --quick), local DP only,
+    SecFPP only on the two-domain column, and, where the shared data sets are present, at
+    least 2 classes per client in every single-domain column (pathological needs fewer
+    clients than 10 for that; the file says so)."""
     from fedprompt.data import load_dataset, partition
 
     path = SWEEP.parent / "configs" / "offline" / "frontier.toml"
     built = sweep.build_cells(sweep.load_grid(path), tmp_path, [])
     quick = sweep.build_cells(sweep.load_grid(path, quick=True), tmp_path, [])
-    assert len(built) == len({c.key for c in built}) == 432 and len(quick) == 24
+    assert len(built) == len({c.key for c in built}) == 504 and len(quick) == 32
+    assert {c.column.label for c in built if c.method == "secfpp"} == {
+        "two domains (cifar10-mini + flowers12) Dirichlet 0.3"}
     for cell in built:
         privacy = cell.config.privacy
         assert privacy.local and not privacy.server and privacy.delta == 1e-5
         assert cell.config.train.momentum == 0 and cell.config.train.lr == 0.5
     columns = {c.column.label: c.config for c in built}
-    assert len(columns) == 4
+    assert len(columns) == 5
     for label, config in columns.items():
-        if sweep.missing_input(config):
+        if sweep.missing_input(config) or config.data.domains:
             continue
         parts = partition(load_dataset(config.data), config.data)
         assert min(len(p.classes) for p in parts) >= 2, label
