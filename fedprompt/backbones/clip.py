@@ -15,6 +15,7 @@ pooling, later padding never influences the pooled feature, so this is exact and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -47,6 +48,11 @@ from fedprompt.backbones.tokenizer import (
     offline_clip_tokenizer,
 )
 from fedprompt.errors import BackboneError
+
+#: transformers 5.24 renamed create_causal_mask's ``past_key_values`` to ``cache`` (the old
+#: name warns and goes in 5.40); our pin allows both sides of the rename
+_MASK_CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(create_causal_mask).parameters
+                        else "past_key_values")
 
 #: Offline presets: (text hidden, text layers, vision hidden, vision layers, image size,
 #: patch size, projection dim, attention heads). Random weights, real CLIP tokenizer.
@@ -309,7 +315,7 @@ class CLIPBackbone(VisionLanguageBackbone):
             hidden = text_model.embeddings(inputs_embeds=embeddings)
             mask = create_causal_mask(
                 config=text_model.config, inputs_embeds=hidden, attention_mask=None,
-                past_key_values=None,
+                **{_MASK_CACHE_ARGUMENT: None},
             )
             hidden = text_model.encoder(
                 inputs_embeds=hidden, attention_mask=mask, is_causal=True
