@@ -39,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedprompt.config import from_run_config
+from fedprompt.config import RUN_CONFIG_KEY, RunConfig, from_run_config, from_toml_text
 from fedprompt.federated import ClientSession
 from fedprompt.federated.client_store import (
     RUN_FOLDER_KEY,
@@ -68,8 +68,18 @@ _SESSIONS: dict[tuple[str, int, int, int], ClientSession] = {}
 PERSONAL_KEY = "fedprompt.personal"
 
 
-def _session(context: Context) -> ClientSession:
-    config = from_run_config(context.run_config)
+def _run_config(context: Context, msg: Message) -> RunConfig:
+    """The configuration the server resolved and sent with the message (one resolution for
+    the whole federation); a message without one falls back to this node's
+    ``run_config``."""
+    text = _config(msg).get(RUN_CONFIG_KEY)
+    if text:
+        return from_toml_text(str(text))
+    return from_run_config(context.run_config)
+
+
+def _session(context: Context, msg: Message) -> ClientSession:
+    config = _run_config(context, msg)
     node = context.node_config
     try:
         partition_id = int(node["partition-id"])
@@ -125,7 +135,7 @@ def _clustering_request(config: ConfigRecord) -> ClusteringRequest | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session = _session(context)
+    session = _session(context, msg)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
     outcome = train_and_persist(session, _store(context, session, msg), _shared(msg),
@@ -148,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the personalized prompt and export it (the server's shared part + the
     personal part) to this client's state folder, with the guarantee that covers it."""
-    session = _session(context)
+    session = _session(context, msg)
     server_epsilon = float(_config(msg).get(SERVER_EPSILON_KEY, -1.0))
     metrics = evaluate_and_export(session, _store(context, session, msg), _shared(msg),
                                   server_epsilon if server_epsilon >= 0 else None)

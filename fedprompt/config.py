@@ -544,19 +544,38 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: bundled configurations, loadable by name (``--config default``)
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the bundled configurations (``fedprompt/presets/*.toml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """The TOML file ``name`` refers to: a path, or the name of a bundled preset."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{name}.toml"
+    if str(name) and "/" not in str(name) and preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config file {name} does not exist: give the path of a TOML file (see "
+        f"experiments/configs/ for examples) or a bundled preset ({', '.join(presets())})"
+    )
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
 ) -> RunConfig:
-    """Defaults, then a TOML file, then overrides (a mapping or ``key=value`` strings)."""
+    """Defaults, then a TOML file (a path or a preset name), then overrides (a mapping or
+    ``key=value`` strings)."""
     config = RunConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist: give the path of a TOML file "
-                "(see experiments/configs/ for examples)"
-            )
+        path = config_path(path)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
@@ -573,22 +592,80 @@ def load_config(
     return config
 
 
-#: run_config key naming a TOML file to load (Flower apps); env var of the same role
+#: run_config key naming a TOML file (or preset) to load (Flower apps); env var of the
+#: same role
 CONFIG_FILE_KEY = "config"
 CONFIG_FILE_ENV = "FEDPROMPT_CONFIG"
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+def flower_app_config(preset: str = "default") -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of ``pyproject.toml``: every key at its
+    :class:`RunConfig` default (lists as comma-separated strings: Flower's run_config
+    values are scalars) and ``config`` naming ``preset``. ``python
+    scripts/app_config.py`` prints it; a test checks that pyproject.toml holds it."""
+    table: dict[str, Any] = {CONFIG_FILE_KEY: preset}
+    for key, value in RunConfig().to_dict().items():
+        if isinstance(value, dict):
+            table[key] = {k: ",".join(map(str, v)) if isinstance(v, list) else v
+                          for k, v in value.items() if v is not None}
+        elif value is not None:
+            table[key] = value
+    return table
+
+
+def _differs_from_default(key: str, value: Any, defaults: RunConfig,
+                          flat_defaults: Mapping[str, Any]) -> bool:
+    """Whether ``value`` for ``key`` means something other than the default (compared
+    after validation, so "a,b" and ["a", "b"] or 1 and 1.0 are the same value)."""
+    if key not in flat_defaults:
+        return True  # an unknown key: let load_config name it
+    try:
+        parsed = flatten(defaults.with_overrides({key: value}, "run_config").to_dict())[key]
+    except ConfigError:
+        return True  # invalid: load_config reports it
+    return parsed != flat_defaults[key]
+
+
+def from_run_config(run_config: Mapping[str, Any],
+                    override_config: Mapping[str, Any] | None = None) -> RunConfig:
     """A :class:`RunConfig` from Flower's flat ``run_config``.
 
-    Flower fuses the app's defaults (``[tool.flwr.app.config]`` in ``pyproject.toml``,
-    which mirror :class:`RunConfig`'s defaults) with ``--run-config`` overrides, so only
-    keys whose value differs from the default are treated as overrides. They apply on top
-    of the TOML file named by the ``config`` key (or the ``FEDPROMPT_CONFIG`` environment
-    variable), which applies on top of the defaults.
+    Flower fuses the app config (``[tool.flwr.app.config]`` in ``pyproject.toml``: every
+    key at its :class:`RunConfig` default, one source of defaults checked by the tests,
+    plus ``config``, the file or preset loaded first; ``default`` is the README's
+    experiment) with the ``--run-config`` overrides.
+
+    * With ``override_config`` (the run's own overrides, ``grid.run.override_config`` in
+      a ServerApp) the resolution is exact: the file named by ``config`` (the override's,
+      else the app config's, else ``FEDPROMPT_CONFIG``), then every override as given.
+    * Without it (a ClientApp sees only the fused mapping) a key whose value differs from
+      its default is taken as an override; a ``--run-config`` value equal to the default
+      cannot be told apart from "not given". That is why the server sends the
+      configuration it resolved with every message (:data:`RUN_CONFIG_KEY`) and clients
+      use it; this fallback serves a client addressed without one.
     """
     flat = dict(run_config)
+    if override_config is not None:
+        given = dict(override_config)
+        path = str(given.pop(CONFIG_FILE_KEY, "") or flat.get(CONFIG_FILE_KEY, "")
+                   or os.environ.get(CONFIG_FILE_ENV, ""))
+        return load_config(path or None, given)
     path = str(flat.pop(CONFIG_FILE_KEY, "") or os.environ.get(CONFIG_FILE_ENV, ""))
-    defaults = flatten(RunConfig().to_dict())
-    overrides = {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
+    defaults = RunConfig()
+    flat_defaults = flatten(defaults.to_dict())
+    overrides = {k: v for k, v in flat.items()
+                 if _differs_from_default(k, v, defaults, flat_defaults)}
     return load_config(path or None, overrides)
+
+
+#: message config key carrying the configuration the server resolved (TOML text)
+RUN_CONFIG_KEY = "run-config"
+
+
+def from_toml_text(text: str, source: str = "the server's run-config") -> RunConfig:
+    """A :class:`RunConfig` from TOML text (what :meth:`RunConfig.to_toml` wrote)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    return RunConfig().with_overrides(flatten(data), source=source)

@@ -23,10 +23,15 @@ def create_run_dir(config: RunConfig, output_dir: str | Path | None = None) -> P
         suffix += 1
         path = parent / f"{config.name}-{stamp}-{suffix}"
     path.mkdir(parents=True)
-    (path / "config.toml").write_text(
-        f"# resolved configuration of this run (seed {config.seed})\n" + config.to_toml()
-    )
+    write_config(config, path)
     return path
+
+
+def write_config(config: RunConfig, folder: Path) -> None:
+    """``folder/config.toml``: the resolved configuration (seed included), atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.toml", f"# resolved configuration of this run (seed "
+                      f"{config.seed})\n" + config.to_toml())
 
 
 def _json_safe(value: Any) -> Any:

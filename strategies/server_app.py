@@ -21,8 +21,8 @@ from fedprompt.federated import METHODS, FederatedServer, build_method_learner
 from fedprompt.federated.client import cached_backbone
 from fedprompt.federated.cluster_backends import build_backend
 from fedprompt.federated.clustered import ClusteredServer
-from fedprompt.federated.methods import local_dp_names
-from fedprompt.results import create_run_dir
+from fedprompt.federated.methods import local_dp_names, resolve_method
+from fedprompt.results import create_run_dir, write_config
 from fedprompt.secure.clustering import ClusteringBackend
 from fedprompt.seeding import seed_everything
 from strategies.strategy import FedPromptStrategy
@@ -58,12 +58,13 @@ def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None,
                backend: ClusteringBackend | None = None) -> Path:
     """Run all rounds on ``grid``; returns the results folder. ``backend``: the clustering
     backend of a clustered method (default: the one ``[clustering]`` names)."""
+    config = resolve_method(config)  # what runs is what config.toml records
     seed_everything(config.seed)
     num_clients = len(list(grid.get_node_ids()))
     if num_clients == 0:
         raise RuntimeError("no SuperNodes are connected: start at least one before the run")
-    out = output_dir or create_run_dir(config)
-    out = out.resolve()
+    out = (output_dir or create_run_dir(config)).resolve()
+    write_config(config, out)
     log.info("fedprompt: %s with %d clients; results in %s", config.federation.method,
              num_clients, out)
     server = build_server(config, num_clients, backend)
@@ -78,4 +79,15 @@ def run_server(grid: Grid, config: RunConfig, output_dir: Path | None = None,
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     show_fedprompt_logs()
-    run_server(grid, from_run_config(context.run_config))
+    run_server(grid, from_run_config(context.run_config, _override_config(grid)))
+
+
+def _override_config(grid: Grid) -> dict | None:
+    """The run's own ``--run-config`` overrides, where the grid knows its run (SuperLink
+    and simulation grids do); ``None`` otherwise."""
+    try:
+        run = grid.run
+    except (NotImplementedError, AttributeError):
+        return None
+    overrides = getattr(run, "override_config", None)
+    return dict(overrides) if overrides is not None else None

@@ -34,7 +34,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedprompt.config import RunConfig
+from fedprompt.config import RUN_CONFIG_KEY, RunConfig
 from fedprompt.federated import ClientReply, FederatedServer
 from fedprompt.federated.client_store import RUN_FOLDER_KEY
 from fedprompt.federated.clustered import SHARE_KEY
@@ -103,6 +103,8 @@ class FedPromptStrategy(Strategy):
         self.output_dir = output_dir
         self.run_folder = run_folder_name(server.config, output_dir)
         self._sent: dict[tuple[int, str], list[Message]] = {}  # this round's messages
+        # clients train with the configuration the server resolved (one resolution)
+        self._run_config = server.config.to_toml()
         if not self.run_folder:
             log.warning("results folder %s is not directly in output_dir %s: clients "
                         "without a state-dir in their node config will refuse to train",
@@ -136,6 +138,7 @@ class FedPromptStrategy(Strategy):
             node_config = ConfigRecord(dict(config))
             node_config["server-round"] = server_round
             node_config[RUN_FOLDER_KEY] = self.run_folder
+            node_config[RUN_CONFIG_KEY] = self._run_config
             extra = (self.server.train_config(node, server_round)
                      if message_type == MessageType.TRAIN else self.server.evaluate_config(node))
             for key, value in extra.items():

@@ -83,17 +83,62 @@ def test_override_values_are_toml_literals() -> None:
     assert parse_override("a='x y'") == ("a", "x y")
 
 
-def test_flower_app_config_lists_every_key_and_loads() -> None:
+def test_flower_app_config_is_runconfig_defaults_plus_the_default_preset() -> None:
+    """One source of defaults: pyproject's app config lists every key at its RunConfig
+    default (Flower accepts only listed keys), and names the default preset."""
     import tomllib
 
-    from fedprompt.config import flatten, from_run_config, valid_keys
+    from fedprompt.config import (
+        flatten,
+        flower_app_config,
+        from_run_config,
+        load_config,
+        valid_keys,
+    )
 
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == flower_app_config()  # regenerate: python scripts/app_config.py
     flat = flatten(app_config)
-    assert set(flat) == set(valid_keys()) | {"config"}  # Flower accepts only listed keys
-    config = from_run_config(flat)
-    assert config.federation.method == "dpfpl"
+    assert set(flat) == set(valid_keys()) | {"config"}
+    # `flwr run .` runs the default preset, value for value
+    assert from_run_config(flat) == load_config("default")
+    assert load_config("default").federation.method == "dpfpl"
+
+
+def test_a_named_file_is_not_overridden_by_the_app_config(tmp_path: Path) -> None:
+    """The bug of the first version: 14 app-config values silently replaced a named file's
+    (a file with rounds=7, lr=0.5, n_ctx=16 ran with 3 / 0.02 / 8; a secfpp file lost its
+    data.domains and privacy.mode)."""
+    import tomllib
+
+    from fedprompt.config import flatten, from_run_config
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    flat = flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    path = tmp_path / "run.toml"
+    path.write_text(
+        "[federation]\nrounds = 7\nmethod = 'secfpp'\n[train]\nlr = 0.5\n"
+        "[prompt]\nn_ctx = 16\n[privacy]\nmode = 'target-epsilon'\nepsilon = 3.0\n"
+        "[data]\ndomains = ['digits', 'digits-inverted']\nnum_clients = 4\n")
+    config = from_run_config(flat | {"config": str(path)})
+    assert (config.federation.rounds, config.train.lr, config.prompt.n_ctx) == (7, 0.5, 16)
+    assert config.federation.method == "secfpp" and config.privacy.mode == "target-epsilon"
+    assert config.privacy.epsilon == 3.0 and config.data.num_clients == 4
+    assert config.data.domains == ["digits", "digits-inverted"]
+    # a --run-config override still applies on top of the file (lists given as strings)
+    again = from_run_config(flat | {"config": str(path), "federation.rounds": 2,
+                                    "data.domains": "digits"})
+    assert again.federation.rounds == 2 and again.data.domains == ["digits"]
+    assert again.train.lr == 0.5
+
+
+def test_presets_load_by_name_and_unknown_names_say_what_exists() -> None:
+    from fedprompt.config import load_config, presets
+
+    assert "default" in presets()
+    with pytest.raises(ConfigError, match="bundled preset"):
+        load_config("no-such-preset")
 
 
 def test_run_config_overrides_apply_on_top_of_a_named_file(tmp_path: Path) -> None:
@@ -104,3 +149,27 @@ def test_run_config_overrides_apply_on_top_of_a_named_file(tmp_path: Path) -> No
     flat = flatten(RunConfig().to_dict()) | {"config": str(path), "federation.local_epochs": 2}
     config = from_run_config(flat)
     assert config.federation.rounds == 7 and config.federation.local_epochs == 2
+
+
+def test_the_servers_resolution_is_exact_and_round_trips_to_clients(tmp_path: Path) -> None:
+    """With the run's own overrides (what a ServerApp reads from grid.run) an override
+    equal to the default still beats the file; the TOML the server sends its clients
+    gives back the very same configuration."""
+    import tomllib
+
+    from fedprompt.config import flatten, from_run_config, from_toml_text
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    flat = flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    overrides = {"privacy.mode": "off", "federation.rounds": 2}  # "off" is the default
+    fused = flat | overrides
+    exact = from_run_config(fused, overrides)
+    assert exact.privacy.mode == "off" and exact.federation.rounds == 2
+    assert exact.federation.method == "dpfpl"  # the rest from the default preset
+    # the fused mapping alone cannot see an override equal to the default
+    assert from_run_config(fused).privacy.mode == "target-epsilon"
+    for config in (exact, load_config("default"),
+                   load_config(overrides=["data.domains='digits,digits-inverted'",
+                                          "data.num_clients=4", "privacy.clipping='per-group'",
+                                          "privacy.clip_shares='1,2,3'"])):
+        assert from_toml_text(config.to_toml()) == config

@@ -267,3 +267,42 @@ def test_a_round_waits_for_min_available_clients(tmp_path: Path) -> None:
     assert FedPromptStrategy(build_server(late, 2), tmp_path)._connected(GrowingGrid()) == [
         1, 2]
     assert 1.0 <= time.monotonic() - start < 5.0
+
+
+def test_clients_train_with_the_configuration_the_server_resolved(tmp_path: Path) -> None:
+    """The server sends its resolved configuration with every message; a node whose own
+    run_config says otherwise (here: another epsilon) still trains under the server's."""
+    from clients.app import app as client_app
+    from fedprompt.config import flatten
+    from strategies.inprocess import InProcessGrid
+
+    config = _config(tmp_path, "federation.method='dpfpl'", "data.num_clients=2",
+                     "federation.rounds=1", "privacy.mode='target-epsilon'",
+                     "privacy.epsilon=2.0", "privacy.server=false",
+                     "privacy.reproducible_noise=true")
+    stale = config.with_overrides({"privacy.epsilon": 8.0})
+    grid = InProcessGrid(client_app, 2, run_config=flatten(stale.to_dict()))
+    out = run_on_grid(grid, config)
+    ledgers = sorted(out.glob("client-state/run-*/client-*/privacy_ledger.json"))
+    assert len(ledgers) == 2
+    for path in ledgers:
+        epsilon = json.loads(path.read_text())["entries"][-1]["epsilon"]
+        assert 1.9 < epsilon <= 2.0 * (1 + 1e-6)
+
+
+def test_config_toml_records_the_learner_that_ran_and_contradictions_are_refused(
+        tmp_path: Path) -> None:
+    from fedprompt.config import load_config as load
+    from fedprompt.errors import ConfigError
+    from fedprompt.federated.methods import resolve_method
+
+    out = run_inprocess(_config(tmp_path, "federation.method='dpfpl-no-residual'",
+                                "data.num_clients=2", "federation.rounds=1"))
+    ran = load(out / "config.toml")
+    assert (ran.prompt.learner, ran.prompt.residual) == ("dpfpl", False)
+    with pytest.raises(ConfigError, match="contradicts federation.method = 'dpfpl'.*fedpgp"):
+        resolve_method(_config(tmp_path, "prompt.learner='fedpgp'"))
+    with pytest.raises(ConfigError, match="dpfpl-no-residual"):
+        resolve_method(_config(tmp_path, "prompt.residual=false"))
+    assert resolve_method(_config(tmp_path, "federation.method='promptfl'")).prompt.learner \
+        == "coop"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from fedprompt.backbones.base import VisionLanguageBackbone
 from fedprompt.config import PromptConfig, RunConfig
+from fedprompt.errors import ConfigError
 from fedprompt.prompts import PromptLearner, build_prompt_learner
 
 
@@ -51,6 +52,33 @@ METHODS: dict[str, MethodSpec] = {
     "dpfpl-full-rank": MethodSpec("dpfpl-full-rank", "global-local"),
     "secfpp": MethodSpec("secfpp", "hierarchical", clustered=True),
 }
+
+
+def resolve_method(config: RunConfig) -> RunConfig:
+    """``config`` with ``[prompt]`` set to what ``federation.method`` trains (its learner
+    and residual flag), so that the configuration written next to a run's results says
+    what ran. A ``[prompt]`` that contradicts the method is refused: a learner other than
+    the method's (the default, ``coop``, is read as "not set"), or ``residual = false``
+    with a DP-FPL method that keeps the residual."""
+    method = config.federation.method
+    spec = METHODS[method]
+    prompt = config.prompt
+    default_learner = PromptConfig.model_fields["learner"].default
+    if prompt.learner not in (spec.learner, default_learner):
+        users = sorted(m for m, s in METHODS.items() if s.learner == prompt.learner)
+        hint = (f", or choose the method that trains it ({', '.join(users)})" if users
+                else "")
+        raise ConfigError(
+            f"prompt.learner = {prompt.learner!r} contradicts federation.method = "
+            f"{method!r}, which trains the {spec.learner!r} learner: remove prompt.learner "
+            f"(a federated run takes its method's learner){hint}")
+    if spec.learner == "dpfpl" and spec.residual and not prompt.residual:
+        raise ConfigError(
+            f"prompt.residual = false contradicts federation.method = {method!r}, which "
+            "keeps DP-FPL's residual: use federation.method = 'dpfpl-no-residual'")
+    return config.with_overrides({"prompt.learner": spec.learner,
+                                  "prompt.residual": spec.residual},
+                                 source=f"federation.method = {method!r}")
 
 
 def method_prompt_config(config: RunConfig) -> PromptConfig:
