@@ -107,3 +107,11 @@ def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
 
     assert main(["audit", str(tmp_path)]) == 2
     assert "not a results folder" in capsys.readouterr().err
+
+
+def test_a_generative_backbone_is_refused_with_a_reason() -> None:
+    from fedprompt.errors import ConfigError
+
+    config = load_config(overrides=["backbone.model='llava-tiny'"])
+    with pytest.raises(ConfigError, match="generative"):
+        run_audit(config, progress=False)

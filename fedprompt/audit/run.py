@@ -29,6 +29,7 @@ from fedprompt.config import RunConfig, load_config
 from fedprompt.console import make_progress
 from fedprompt.errors import ConfigError
 from fedprompt.federated.client_store import EXPORT_DIR, LEDGER_FILE, SIMULATION_SUBDIR
+from fedprompt.federated.generative import is_generative
 from fedprompt.privacy.ledger import PrivacyLedger
 from fedprompt.prompts.portable import load_prompt
 from fedprompt.results import create_run_dir, write_json
@@ -179,6 +180,11 @@ def run_audit(config: RunConfig, run_dir: str | Path | None = None,
     audit = config.audit
     if not (audit.membership or audit.one_run):
         raise ConfigError("audit.membership and audit.one_run are both false: nothing to do")
+    if is_generative(config):
+        raise ConfigError(
+            f"fedprompt audit attacks prompts of dual-encoder classifiers (CLIP, "
+            f"effnet-minilm); {config.backbone.model!r} is a generative (LLaVA) backbone, "
+            "whose outputs the attacks here do not score yet")
     if audit.client >= config.data.num_clients:
         raise ConfigError(f"audit.client = {audit.client} but the run has "
                           f"{config.data.num_clients} clients (0..{config.data.num_clients - 1})")
