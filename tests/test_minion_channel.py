@@ -473,6 +473,135 @@ def test_fuzz_authenticated_session(app_client: Any, caplog: pytest.LogCaptureFi
     assert SECRET not in resp.text and SECRET not in caplog.text
 
 
+# ------------------------------------------------- nesting depth and type confusion (issue 13)
+
+VALID_PAYLOAD: dict[str, Any] = {
+    "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": SECRET}],
+    "params": {"temperature": 0.5, "top_p": 1.0, "max_tokens": 16, "seed": 1,
+               "stop": ["\n\n"], "response_format": {"type": "json_object"}},
+}
+# Every field of the decrypted payload, plus one unknown key at each object level.
+PAYLOAD_PATHS: list[tuple[Any, ...]] = [
+    (), ("messages",), ("messages", 0), ("messages", 1), ("messages", 0, "role"),
+    ("messages", 1, "role"), ("messages", 1, "content"), ("messages", 0, "name"),
+    ("params",), ("params", "temperature"), ("params", "top_p"), ("params", "max_tokens"),
+    ("params", "seed"), ("params", "stop"), ("params", "stop", 0),
+    ("params", "response_format"), ("params", "response_format", "type"),
+    ("params", "response_format", "json_schema"), ("params", "logit_bias"), ("extra",),
+]
+HOLE = "\x00hole\x00"
+
+
+def _nested(depth: int, opener: str) -> str:
+    """``depth`` levels of arrays or objects around 0, as text (``json.dumps`` would recurse)."""
+    close = "]" if opener == "[" else "}"
+    return opener * depth + "0" + close * depth
+
+
+json_fragments = st.one_of(
+    json_values.map(json.dumps),  # type confusion: any JSON value where one field belongs
+    st.builds(_nested, st.sampled_from([1, 2, 31, 32, 33, 199, 200, 201, 5_000, 100_000])
+              | st.integers(1, 300), st.sampled_from(["[", '{"k":'])),
+    st.sampled_from(["NaN", "-Infinity", "1e400", "-0", "9" * 5000, "true", "null", '"\\ud800"',
+                     '"user"', '"tool"', '"json_schema"', "[]", "{}", '["a", 1]', "4294967296"]),
+)
+
+
+def _with_fragment(base: Any, path: tuple[Any, ...], fragment: str) -> bytes:
+    """``base`` as JSON text with the value at ``path`` replaced by the raw ``fragment``."""
+    if not path:
+        return fragment.encode()
+    doc = json.loads(json.dumps(base))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = HOLE
+    return json.dumps(doc).replace(json.dumps(HOLE), fragment).encode()
+
+
+def _parses(plaintext: bytes) -> bool:
+    from fedprompt.minion.enclave_server import ApiError, parse_chat_payload
+
+    try:
+        parse_chat_payload(plaintext)
+    except ApiError as exc:
+        assert 400 <= exc.status < 500 and exc.detail and SECRET not in exc.detail
+        return False
+    return True
+
+
+def _seal_and_post(app_client: Any, endpoint: str, plaintext: bytes) -> httpx.Response:
+    client = SecureChatClient("https://testserver", InsecureMockAttestation(),
+                              allow_insecure_mock=True, http_client=app_client)
+    session = client.attest()
+    frame = session.channel.seal(plaintext)
+    return app_client.post(endpoint, content=encode_frame(session.session_id, frame))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS[1:])
+@pytest.mark.parametrize("plaintext", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    json.dumps({"messages": [{"role": ["user"], "content": "x"}]}).encode(),
+    json.dumps({"messages": [{"role": {"user": 1}, "content": "x"}]}).encode(),
+], ids=["deep-100k", "deep-messages", "role-list", "role-object"])
+def test_audit_payload_shapes_get_400(app_client: Any, endpoint: str, plaintext: bytes) -> None:
+    """The three request shapes of issue 13 item 5 that used to answer 500 with a traceback."""
+    resp = _seal_and_post(app_client, endpoint, plaintext)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "bad_payload" and "\n" not in resp.json()["detail"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(path=st.sampled_from(PAYLOAD_PATHS), fragment=json_fragments)
+def test_fuzz_parse_chat_payload(path: tuple[Any, ...], fragment: str) -> None:
+    """Any field replaced by any JSON (or near-JSON): a 4xx ApiError or a well-typed result."""
+    from fedprompt.minion.enclave_server import ROLES, parse_chat_payload
+
+    plaintext = _with_fragment(VALID_PAYLOAD, path, fragment)
+    if not _parses(plaintext):
+        return
+    messages, params = parse_chat_payload(plaintext)
+    assert all(set(m) == {"role", "content"} and isinstance(m["role"], str)
+               and m["role"] in ROLES and isinstance(m["content"], str) for m in messages)
+    assert isinstance(params, dict) and len(fragment) < 1000  # nothing deep got through
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(ENDPOINTS[1:]), path=st.sampled_from(PAYLOAD_PATHS),
+       fragment=json_fragments)
+def test_fuzz_payload_depth_and_type_confusion(app_client: Any, caplog: pytest.LogCaptureFixture,
+                                               endpoint: str, path: tuple[Any, ...],
+                                               fragment: str) -> None:
+    """Sealed in a live session: never a 5xx, a 4xx exactly when the payload is invalid."""
+    caplog.set_level(logging.DEBUG)
+    plaintext = _with_fragment(VALID_PAYLOAD, path, fragment)
+    resp = _seal_and_post(app_client, endpoint, plaintext)
+    assert resp.status_code < 500, resp.text
+    if _parses(plaintext):
+        assert resp.status_code == 200, resp.text
+    else:
+        _assert_4xx(resp)
+        assert SECRET not in resp.text
+    assert SECRET not in caplog.text
+
+
+VALID_ATTESTATION = {"nonce": _b64(bytes(32)), "client_public_key": _b64(bytes(range(32)))}
+
+
+@FUZZ
+@given(path=st.sampled_from([(), ("nonce",), ("client_public_key",), ("extra",)]),
+       fragment=json_fragments)
+def test_fuzz_attestation_depth_and_type_confusion(app_client: Any, path: tuple[Any, ...],
+                                                   fragment: str) -> None:
+    """Each attestation field (and the whole body) replaced by deep or wrongly typed JSON."""
+    body = _with_fragment(VALID_ATTESTATION, path, fragment)
+    resp = app_client.post("/v1/attestation", content=body,
+                           headers={"content-type": "application/json"})
+    assert resp.status_code < 500, resp.text
+    _assert_4xx(resp)
+
+
 # --------------------------------------------------------------------------- configuration
 
 def test_nvidia_provider_without_sdk_raises_dependency_error() -> None:

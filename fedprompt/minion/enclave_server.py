@@ -29,6 +29,7 @@ import binascii
 import importlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic_core import from_json
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -77,6 +79,10 @@ FRAME_STREAM_MEDIA_TYPE = "application/vnd.fedprompt.minion-frames"
 MAX_MESSAGES = 4096
 ALLOWED_PARAMS = {"temperature", "max_tokens", "top_p", "stop", "response_format", "seed"}
 ROLES = {"system", "user", "assistant", "tool"}
+MESSAGE_KEYS = {"role", "content"}
+MAX_JSON_DEPTH = 32  # a chat request needs 3 levels; a JSON schema in response_format a few more
+MAX_TOKENS_PARAM = 2**31 - 1
+MAX_STOP = 16
 
 
 class BackendError(FedPromptError):
@@ -207,25 +213,114 @@ def _b64(value: str, name: str, length: int | None = None) -> bytes:
     return raw
 
 
-def parse_chat_payload(plaintext: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Validate a decrypted request; errors name the problem, never echo content."""
+def _bad(detail: str) -> ApiError:
+    return ApiError(400, "bad_payload", detail)
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (scalars 0, ``[]`` 1), walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def load_json_payload(plaintext: bytes) -> Any:
+    """Parse decrypted JSON with bounded nesting (:data:`MAX_JSON_DEPTH`), or raise a 400.
+
+    ``pydantic_core.from_json`` parses without unbounded recursion (it stops at a fixed depth
+    with an error), unlike ``json.loads``, whose ``RecursionError`` on deep input used to
+    surface as HTTP 500; the result's depth is then checked against our tighter limit.
+    NaN and Infinity are refused (they are not JSON and break backends).
+    """
+    too_deep = f"decrypted payload nests deeper than {MAX_JSON_DEPTH} levels"
     try:
-        data = json.loads(plaintext)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_payload", "decrypted payload is not JSON") from exc
+        data = from_json(plaintext, allow_inf_nan=False)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise _bad(too_deep) from exc
+        raise _bad(f"decrypted payload is not UTF-8 JSON ({exc})") from exc
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise _bad(too_deep)
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise _bad(f"message {i} must be an object {{role, content}}")
+    if set(m) - MESSAGE_KEYS:
+        raise _bad(f"message {i} has unknown keys (allowed: {', '.join(sorted(MESSAGE_KEYS))})")
+    role = m.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise _bad(f"message {i}: role must be one of {', '.join(sorted(ROLES))}")
+    if not isinstance(m.get("content"), str):
+        raise _bad(f"message {i}: content must be a string")
+    return m
+
+
+def _check_params(params: Any) -> dict[str, Any]:
+    """Each sampling parameter has one type and range; anything else would reach the backend."""
+    if not isinstance(params, dict):
+        raise _bad("params must be an object")
+    unknown = set(params) - ALLOWED_PARAMS
+    if unknown:
+        raise _bad(f"params keys must be among {', '.join(sorted(ALLOWED_PARAMS))}")
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2]"),
+        "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        "max_tokens": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS_PARAM,
+                       f"an integer in [1, {MAX_TOKENS_PARAM}]"),
+        "seed": (lambda v: _is_int(v) and -(2**63) <= v < 2**63, "a 64-bit integer"),
+        "stop": (lambda v: isinstance(v, str) or (
+            isinstance(v, list) and len(v) <= MAX_STOP and all(isinstance(x, str) for x in v)),
+            f"a string or a list of at most {MAX_STOP} strings"),
+        "response_format": (_valid_response_format,
+                            '{"type": "text"|"json_object"} or '
+                            '{"type": "json_schema", "json_schema": {...}}'),
+    }
+    for key, value in params.items():
+        valid, expected = checks[key]
+        if not valid(value):
+            raise _bad(f"params.{key} must be {expected}")
+    return params
+
+
+def _valid_response_format(value: Any) -> bool:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return False
+    if value["type"] in ("text", "json_object"):
+        return set(value) == {"type"}
+    return (value["type"] == "json_schema" and set(value) == {"type", "json_schema"}
+            and isinstance(value["json_schema"], dict))
+
+
+def parse_chat_payload(plaintext: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Validate a decrypted request ``{"messages": [{role, content}, ...], "params": {...}}``.
+
+    Every field is type-checked before anything else touches it (a list where a string
+    belongs must give 400, not a ``TypeError`` and 500), and nesting is bounded. Errors name
+    the field and the expected shape, never the content.
+    """
+    data = load_json_payload(plaintext)
     if not isinstance(data, dict) or set(data) - {"messages", "params"}:
-        raise ApiError(400, "bad_payload", "payload must be {messages, params}")
+        raise _bad("payload must be an object {messages, params}")
     messages, params = data.get("messages"), data.get("params", {})
     if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
-        raise ApiError(400, "bad_payload", f"messages must be a list of 1..{MAX_MESSAGES}")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") in ROLES
-                and isinstance(m.get("content"), str)):
-            raise ApiError(400, "bad_payload",
-                           f"message {i} must have a role in {sorted(ROLES)} and string content")
-    if not isinstance(params, dict) or set(params) - ALLOWED_PARAMS:
-        raise ApiError(400, "bad_payload", f"params keys must be among {sorted(ALLOWED_PARAMS)}")
-    return messages, params
+        raise _bad(f"messages must be a list of 1..{MAX_MESSAGES}")
+    return [_check_message(i, m) for i, m in enumerate(messages)], _check_params(params)
 
 
 # --------------------------------------------------------------------------- sessions
