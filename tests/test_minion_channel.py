@@ -383,9 +383,12 @@ def test_verify_evidence_checks_window_and_binding() -> None:
 def app_client() -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    from fedprompt.minion.enclave_server import CallableBackend, create_app
+    from fedprompt.minion.enclave_server import CallableBackend, EnclaveLimits, create_app
 
-    app = create_app(CallableBackend(stub_reply), InsecureMockAttestation())
+    # The fuzz attests hundreds of times from one address: lift the per-address limit here
+    # (tests/test_minion_enclave_limits.py checks it).
+    limits = EnclaveLimits(attest_rate_per_s=1e6, attest_burst=10**6)
+    app = create_app(CallableBackend(stub_reply), InsecureMockAttestation(), limits=limits)
     with TestClient(app, raise_server_exceptions=True) as tc:
         yield tc
 

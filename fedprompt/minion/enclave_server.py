@@ -27,6 +27,7 @@ import argparse
 import base64
 import binascii
 import importlib
+import ipaddress
 import json
 import logging
 import math
@@ -198,9 +199,12 @@ class AttestationRequest(BaseModel):
 class ApiError(Exception):
     """A request problem answered with ``status`` and a reason (never plaintext)."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, *,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+        self.headers = ({"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+                        if retry_after_s is not None else None)
 
 
 def _b64(value: str, name: str, length: int | None = None) -> bytes:
@@ -325,35 +329,184 @@ def parse_chat_payload(plaintext: bytes) -> tuple[list[dict[str, Any]], dict[str
 
 # --------------------------------------------------------------------------- sessions
 
-class SessionStore:
-    """Bounded session table: at most ``max_sessions``, oldest evicted, idle ones expire."""
+@dataclass(frozen=True)
+class EnclaveLimits:
+    """What one client can hold or cost the server (``fedprompt-enclave`` flags, docs/minion.md).
 
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = 3600.0) -> None:
-        self.max_sessions, self.ttl_s = max_sessions, ttl_s
-        self._sessions: OrderedDict[bytes, tuple[SecureChannel, float]] = OrderedDict()
+    Sessions live in two pools. *Unconfirmed* ones (handshake done, no authenticated message
+    yet) are at most ``max_pending_sessions`` and expire after ``pending_session_ttl_s``; a
+    handshake flood only ever evicts other unconfirmed sessions. *Active* ones (at least one
+    message authenticated) are at most ``max_sessions`` and expire after ``session_ttl_s``
+    idle; when full, a newly confirmed session may only replace one idle for at least
+    ``evict_idle_s``, otherwise it is refused with 429. Handshakes are rate-limited per
+    client address (token bucket: ``attest_rate_per_s`` sustained, ``attest_burst`` at once).
+    With the defaults one address cannot even fill the unconfirmed pool
+    (5/s x 120 s + 30 < 1024).
+    """
+
+    max_sessions: int = 1024
+    session_ttl_s: float = 3600.0
+    max_pending_sessions: int = 1024
+    pending_session_ttl_s: float = 120.0
+    evict_idle_s: float = 600.0
+    attest_rate_per_s: float = 5.0
+    attest_burst: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_pending_sessions", "attest_burst"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("session_ttl_s", "pending_session_ttl_s", "evict_idle_s",
+                     "attest_rate_per_s"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass
+class _Entry:
+    channel: SecureChannel
+    last_used: float  # creation, then the last authenticated message
+
+
+class SessionStore:
+    """Bounded session table in two pools (see :class:`EnclaveLimits`).
+
+    A session enters as unconfirmed (:meth:`add`) and becomes active on its first
+    authenticated message (:meth:`confirm`). Only :meth:`confirm` refreshes a session:
+    :meth:`get` happens before authentication, so frames from a third party that knows a
+    session id can neither keep it alive nor promote it.
+    """
+
+    def __init__(self, limits: EnclaveLimits | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits or EnclaveLimits()
+        self._clock = clock
+        self._pending: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest first
+        self._active: OrderedDict[bytes, _Entry] = OrderedDict()   # least recently used first
         self._lock = threading.Lock()
 
+    def _purge(self, pool: OrderedDict[bytes, _Entry], ttl_s: float, now: float) -> None:
+        while pool:
+            entry = next(iter(pool.values()))
+            if now - entry.last_used <= ttl_s:
+                return
+            pool.popitem(last=False)
+
     def add(self, channel: SecureChannel) -> None:
+        """A freshly attested session; evicts only the oldest *unconfirmed* one when full."""
         with self._lock:
-            self._sessions[channel.session_id] = (channel, time.monotonic())
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            now = self._clock()
+            self._purge(self._pending, self.limits.pending_session_ttl_s, now)
+            self._pending[channel.session_id] = _Entry(channel, now)
+            while len(self._pending) > self.limits.max_pending_sessions:
+                self._pending.popitem(last=False)
 
     def get(self, session_id: bytes) -> SecureChannel:
+        """The session's channel (not refreshed), or 404 when unknown or expired."""
         with self._lock:
-            entry = self._sessions.get(session_id)
-            if entry is None:
-                raise ApiError(404, "unknown_session", "unknown or expired session; re-attest")
-            channel, last = entry
-            if time.monotonic() - last > self.ttl_s:
-                del self._sessions[session_id]
-                raise ApiError(404, "unknown_session", "session expired; re-attest")
-            self._sessions[session_id] = (channel, time.monotonic())
-            self._sessions.move_to_end(session_id)
-            return channel
+            now = self._clock()
+            for pool, ttl_s in ((self._active, self.limits.session_ttl_s),
+                                (self._pending, self.limits.pending_session_ttl_s)):
+                entry = pool.get(session_id)
+                if entry is None:
+                    continue
+                if now - entry.last_used > ttl_s:
+                    del pool[session_id]
+                    raise ApiError(404, "unknown_session", "session expired; re-attest")
+                return entry.channel
+        raise ApiError(404, "unknown_session", "unknown or expired session; re-attest")
+
+    def confirm(self, channel: SecureChannel) -> None:
+        """Record an authenticated message: refresh an active session or promote a new one.
+
+        A promotion into a full active pool evicts the least recently used session only if
+        it has been idle for ``evict_idle_s``; otherwise the new session is dropped and the
+        request refused with 429 (the client re-attests later), so sessions in use are never
+        pushed out by newcomers.
+        """
+        sid = channel.session_id
+        with self._lock:
+            now = self._clock()
+            entry = self._active.get(sid)
+            if entry is not None:
+                entry.last_used = now
+                self._active.move_to_end(sid)
+                return
+            self._pending.pop(sid, None)
+            self._purge(self._active, self.limits.session_ttl_s, now)
+            if len(self._active) >= self.limits.max_sessions:
+                oldest_sid, oldest = next(iter(self._active.items()))
+                idle = now - oldest.last_used
+                if idle < self.limits.evict_idle_s:
+                    raise ApiError(429, "sessions_full",
+                                   "every active session is in recent use; re-attest later",
+                                   retry_after_s=self.limits.evict_idle_s - idle)
+                del self._active[oldest_sid]
+                logger.info("session %s evicted after %.0f s idle", oldest_sid.hex()[:8], idle)
+            self._active[sid] = _Entry(channel, now)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._pending) + len(self._active)
+
+
+def client_source(host: str | None) -> str:
+    """The rate-limit key of a peer address: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 host usually owns a whole /64, so keying by address would give it 2**64
+    buckets. IPv4-mapped IPv6 counts as IPv4; a non-IP peer name is used as is.
+    """
+    if not host:
+        return "unknown"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class HandshakeRateLimiter:
+    """Token bucket per source: ``rate_per_s`` handshakes per second, ``burst`` at once.
+
+    At most ``max_sources`` buckets are kept (least recently seen dropped first), so the
+    table itself stays bounded; a dropped source merely starts again with a full bucket.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, *, max_sources: int = 65536,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate_per_s, self.burst, self.max_sources = rate_per_s, burst, max_sources
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, time
+        self._lock = threading.Lock()
+
+    def acquire(self, source: str) -> float:
+        """Take one token: 0.0 when allowed, else the seconds until a token is available."""
+        with self._lock:
+            now = self._clock()
+            tokens, then = self._buckets.pop(source, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate_per_s)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate_per_s
+            self._buckets[source] = (tokens, now)
+            while len(self._buckets) > self.max_sources:
+                self._buckets.popitem(last=False)
+            return wait
 
 
 # --------------------------------------------------------------------------- app
@@ -377,18 +530,29 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
 
 
 def create_app(backend: ChatBackend, provider: AttestationProvider, *,
-               max_sessions: int = 1024, session_ttl_s: float = 3600.0) -> FastAPI:
+               limits: EnclaveLimits | None = None) -> FastAPI:
+    """The enclave ASGI app; ``limits`` bounds sessions and handshakes (defaults if None).
+
+    Handshakes are rate-limited by the TCP peer address (``request.client.host``). The app
+    never reads ``X-Forwarded-For``; behind a proxy, let uvicorn rewrite the peer address
+    (``--forwarded-allow-ips``), which :func:`main` leaves off by default.
+    """
+    limits = limits or EnclaveLimits()
     app = FastAPI(title="fedprompt Minion enclave", docs_url=None, redoc_url=None,
                   openapi_url=None)
-    store = SessionStore(max_sessions, session_ttl_s)
+    store = SessionStore(limits)
+    limiter = HandshakeRateLimiter(limits.attest_rate_per_s, limits.attest_burst)
     app.state.sessions = store
+    app.state.handshake_limiter = limiter
     if provider.insecure:
         logger.warning("enclave server uses INSECURE mock attestation (tests/demos only)")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         logger.info("rejected %s: %s", request.url.path, exc.code)
-        return _error(exc.status, exc.code, exc.detail)
+        response = _error(exc.status, exc.code, exc.detail)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -410,6 +574,12 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
 
     @app.post("/v1/attestation")
     async def attestation(request: Request) -> JSONResponse:
+        # Before any work (body, key exchange, evidence): refusing must stay cheap.
+        wait = limiter.acquire(client_source(request.client.host if request.client else None))
+        if wait:
+            raise ApiError(429, "rate_limited",
+                           "too many attestation handshakes from this address; retry later",
+                           retry_after_s=wait)
         raw = await _read_body(request, MAX_ATTESTATION_BODY_BYTES)
         try:
             req = AttestationRequest.model_validate_json(raw)
@@ -454,6 +624,7 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
             raise ApiError(409, type(exc).__name__, str(exc)) from exc
         except (DecryptionError, FrameFormatError) as exc:
             raise ApiError(400, type(exc).__name__, str(exc)) from exc
+        store.confirm(channel)  # authenticated: the session is in use (may answer 429)
         messages, params = parse_chat_payload(plaintext)
         logger.info("session %s frame %d: %d message(s), %d B",
                     channel.session_id.hex()[:8], frame.counter, len(messages), len(plaintext))
@@ -581,7 +752,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attestation", choices=["nvidia", "insecure-mock"], default="nvidia")
     p.add_argument("--allow-insecure-mock-attestation", action="store_true",
                    help="required with --attestation insecure-mock (tests and demos only)")
-    p.add_argument("--max-sessions", type=int, default=1024)
+    d = EnclaveLimits()
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="active sessions (at least one authenticated message) kept at most")
+    p.add_argument("--session-ttl", type=float, default=d.session_ttl_s, metavar="S",
+                   help="an active session idle this long expires")
+    p.add_argument("--max-pending-sessions", type=int, default=d.max_pending_sessions,
+                   help="unconfirmed sessions (handshake, no message yet) kept at most; only "
+                        "these are evicted by new handshakes")
+    p.add_argument("--pending-session-ttl", type=float, default=d.pending_session_ttl_s,
+                   metavar="S", help="an unconfirmed session expires this long after its handshake")
+    p.add_argument("--evict-idle", type=float, default=d.evict_idle_s, metavar="S",
+                   help="with the active pool full, a new session may replace one idle this long"
+                        " (else 429)")
+    p.add_argument("--attest-rate", type=float, default=d.attest_rate_per_s, metavar="PER_S",
+                   help="attestation handshakes per second per client address (token bucket)")
+    p.add_argument("--attest-burst", type=int, default=d.attest_burst,
+                   help="attestation handshakes one client address may make at once")
+    p.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                   help="trust X-Forwarded-For/-Proto only from these proxy addresses "
+                        "(comma-separated); off by default: rate limits key on the TCP peer")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -601,10 +791,19 @@ def main(argv: list[str] | None = None) -> None:
         provider = NvidiaGpuAttestation()
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     backend = load_backend(args.backend, args.model, api_key, args.echo_delay_ms / 1000)
-    app = create_app(backend, provider, max_sessions=args.max_sessions)
+    limits = EnclaveLimits(
+        max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+        max_pending_sessions=args.max_pending_sessions,
+        pending_session_ttl_s=args.pending_session_ttl, evict_idle_s=args.evict_idle,
+        attest_rate_per_s=args.attest_rate, attest_burst=args.attest_burst)
+    app = create_app(backend, provider, limits=limits)
     logging.basicConfig(level=args.log_level.upper())
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key, log_level=args.log_level)
+                ssl_keyfile=args.tls_key, log_level=args.log_level,
+                # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; a client must not
+                # choose the address its handshakes are rate-limited under.
+                proxy_headers=args.forwarded_allow_ips is not None,
+                forwarded_allow_ips=args.forwarded_allow_ips)
 
 
 if __name__ == "__main__":
