@@ -1,20 +1,29 @@
-"""Enclave server under abuse (issue 13 item 5): session eviction and handshake rate limits.
+"""Enclave server under abuse (issue 13 item 5): sessions, handshake rate, slow clients.
 
 A flood of anonymous attestation handshakes used to evict every idle legitimate session
 (one table, oldest dropped beyond ``max_sessions``). Now unconfirmed sessions have their
 own pool, active ones are never evicted by handshakes nor, while recently used, by newly
-confirmed sessions, and handshakes are rate-limited per TCP peer address.
+confirmed sessions, and handshakes are rate-limited per TCP peer address. Slow headers and
+slow bodies used to hold connections indefinitely; now both have deadlines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
 from fedprompt.errors import ConfigError
 from fedprompt.minion.attestation import InsecureMockAttestation
@@ -24,9 +33,12 @@ from fedprompt.minion.enclave_server import (
     EnclaveLimits,
     HandshakeRateLimiter,
     SessionStore,
+    _read_body,
     build_parser,
     client_source,
     create_app,
+    header_deadline_protocol,
+    uvicorn_config,
 )
 from fedprompt.minion.secure_client import SecureChatClient, SecureClientError
 
@@ -148,10 +160,14 @@ def test_cli_flags_reach_the_limits() -> None:
     args = build_parser().parse_args([
         "--tls-cert", "c", "--tls-key", "k", "--backend", "echo", "--max-sessions", "7",
         "--max-pending-sessions", "9", "--session-ttl", "60", "--pending-session-ttl", "5",
-        "--evict-idle", "30", "--attest-rate", "0.5", "--attest-burst", "2"])
+        "--evict-idle", "30", "--attest-rate", "0.5", "--attest-burst", "2",
+        "--body-timeout", "3", "--header-timeout", "4", "--keep-alive-timeout", "1",
+        "--limit-concurrency", "10", "--max-header-bytes", "2048"])
     assert (args.max_sessions, args.max_pending_sessions, args.session_ttl,
             args.pending_session_ttl, args.evict_idle, args.attest_rate,
             args.attest_burst, args.forwarded_allow_ips) == (7, 9, 60, 5, 30, 0.5, 2, None)
+    assert (args.body_timeout, args.header_timeout, args.keep_alive_timeout,
+            args.limit_concurrency, args.max_header_bytes) == (3, 4, 1, 10, 2048)
 
 
 # --------------------------------------------------------------------------- the app
@@ -238,3 +254,170 @@ def test_confirmed_newcomers_cannot_push_out_active_sessions(
     for c in legit:
         session = c.session
         assert c.send(MESSAGES).content == "ok: hello" and c.session is session
+
+
+# --------------------------------------------------------------------------- slow clients
+
+def _request(receive: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Request:
+    scope = {"type": "http", "method": "POST", "path": "/v1/message", "headers": headers or []}
+    return Request(scope, receive)
+
+
+def test_read_body_deadline() -> None:
+    """One byte, then nothing: 408 after the deadline, not a connection held forever."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def read() -> bytes:
+        return await _read_body(_request(receive), 100, 0.2)
+
+    start = time.monotonic()
+    with pytest.raises(ApiError) as info:
+        asyncio.run(read())
+    assert time.monotonic() - start < 5
+    assert (info.value.status, info.value.code) == (408, "body_timeout")
+    assert info.value.headers == {"Connection": "close"} and "1 B arrived" in info.value.detail
+
+
+def test_slow_body_generator_gets_408() -> None:
+    """Through the whole app (httpx ASGITransport), a body trickled at one byte per second."""
+    app = create_app(CallableBackend(_reply), InsecureMockAttestation(),
+                     limits=EnclaveLimits(body_timeout_s=0.3))
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b"x"
+            await asyncio.sleep(1.0)
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+            return await c.post("/v1/message", content=trickle())
+
+    start = time.monotonic()
+    resp = asyncio.run(post())
+    assert time.monotonic() - start < 10
+    assert resp.status_code == 408 and resp.json()["error"] == "body_timeout"
+    assert resp.headers["connection"] == "close"
+
+
+def test_client_disconnect_mid_body_is_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(CallableBackend(_reply), InsecureMockAttestation())
+    events = iter([{"type": "http.request", "body": b"\x00" * 10, "more_body": True},
+                   {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(events)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "https", "path": "/v1/message", "raw_path": b"",
+             "root_path": "", "query_string": b"", "headers": [], "client": ("192.0.2.1", 1),
+             "server": ("testserver", 443)}
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400
+    records = [r for r in caplog.records if r.name != "asyncio"]  # "Using selector: ..."
+    assert [r.getMessage() for r in records] == ["rejected /v1/message: client_disconnected"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def live() -> Iterator[int]:
+    """The app under uvicorn with the server's config, short deadlines, plain HTTP."""
+    limits = EnclaveLimits(header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=0.3)
+    app = create_app(CallableBackend(_reply), InsecureMockAttestation(), limits=limits)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn_config(app, limits, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` a byte per 0.1 s)."""
+    start = time.monotonic()
+    sock.settimeout(0.1)
+    pending = bytearray(trickle)
+    while time.monotonic() - start < seconds:
+        try:
+            if not sock.recv(4096):
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - start
+        if pending:
+            try:
+                sock.send(bytes(pending[:1]))
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - start
+            del pending[:1]
+    raise AssertionError(f"connection still open after {seconds} s")
+
+
+def test_server_closes_slow_headers(live: int) -> None:
+    with socket.create_connection(("127.0.0.1", live)) as sock:
+        sock.sendall(b"POST /v1/message HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        assert _closed_within(sock, 5) >= 0.4
+    with socket.create_connection(("127.0.0.1", live)) as sock:  # one header byte / 0.1 s
+        assert _closed_within(sock, 5, b"GET /v1/health HTTP/1.1\r\nX-Pad: " + b"a" * 200) < 5
+
+
+def test_server_closes_slow_headers_after_a_response(live: int) -> None:
+    """Trickling the next request's headers used to cancel the keep-alive timer for good."""
+    with socket.create_connection(("127.0.0.1", live)) as sock:
+        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert _closed_within(sock, 5, b"GET /v1/health HTTP/1.1\r\nX-Pad: " + b"a" * 200) < 5
+
+
+def test_server_answers_slow_body_with_408(live: int) -> None:
+    with socket.create_connection(("127.0.0.1", live)) as sock:
+        sock.sendall(b"POST /v1/message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+        sock.settimeout(5)
+        start = time.monotonic()
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+        assert 0.4 <= time.monotonic() - start < 5
+        assert _closed_within(sock, 5) < 5
+    assert httpx.get(f"http://127.0.0.1:{live}/v1/health").status_code == 200
+
+
+def test_uvicorn_config_limits_and_proxy_headers() -> None:
+    app = create_app(CallableBackend(_reply), InsecureMockAttestation())
+    limits = EnclaveLimits(limit_concurrency=7, max_header_bytes=2048, keep_alive_s=2)
+    config = uvicorn_config(app, limits, host="127.0.0.1", port=1)
+    assert not config.proxy_headers  # X-Forwarded-For is not trusted by default
+    assert (config.limit_concurrency, config.h11_max_incomplete_event_size,
+            config.timeout_keep_alive) == (7, 2048, 2)
+    assert issubclass(config.http, header_deadline_protocol(1.0).__mro__[1])
+    trusted = uvicorn_config(app, limits, host="127.0.0.1", port=1,
+                             forwarded_allow_ips="10.0.0.2")
+    assert trusted.proxy_headers and trusted.forwarded_allow_ips == "10.0.0.2"

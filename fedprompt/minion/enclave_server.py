@@ -15,7 +15,8 @@ Endpoints (all JSON; binary fields base64):
 The decrypted request ``{"messages": [{role, content}, ...], "params": {...}}`` goes to a
 backend: an OpenAI-compatible server (vLLM, SGLang) inside the enclave or a local callable.
 Malformed requests get a 4xx with a reason (never a 5xx); a failing backend gets 502 or an
-authenticated ERROR frame. Plaintext is never logged.
+authenticated ERROR frame. Plaintext is never logged. Sessions, handshakes and slow clients
+are bounded by :class:`EnclaveLimits` (flags and defaults: docs/minion.md, "Abuse limits").
 
 Run: ``python -m fedprompt.minion.enclave_server --host 0.0.0.0 --port 8443
 --tls-cert cert.pem --tls-key key.pem --backend http://127.0.0.1:8000 --model NAME``.
@@ -24,6 +25,7 @@ Run: ``python -m fedprompt.minion.enclave_server --host 0.0.0.0 --port 8443
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import importlib
@@ -46,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from pydantic_core import from_json
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fedprompt.errors import ConfigError, FedPromptError
 from fedprompt.minion.attestation import (
@@ -200,11 +203,14 @@ class ApiError(Exception):
     """A request problem answered with ``status`` and a reason (never plaintext)."""
 
     def __init__(self, status: int, code: str, detail: str, *,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, close: bool = False) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
-        self.headers = ({"Retry-After": str(max(1, math.ceil(retry_after_s)))}
-                        if retry_after_s is not None else None)
+        self.headers: dict[str, str] = {}
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+        if close:  # the rest of the request is not read: the connection cannot be reused
+            self.headers["Connection"] = "close"
 
 
 def _b64(value: str, name: str, length: int | None = None) -> bytes:
@@ -342,6 +348,12 @@ class EnclaveLimits:
     client address (token bucket: ``attest_rate_per_s`` sustained, ``attest_burst`` at once).
     With the defaults one address cannot even fill the unconfirmed pool
     (5/s x 120 s + 30 < 1024).
+
+    Slow clients: a request body must arrive within ``body_timeout_s`` (else 408), request
+    headers within ``header_timeout_s`` of the connection opening or of the previous
+    response (else the connection is closed); idle keep-alive connections close after
+    ``keep_alive_s``; uvicorn answers 503 beyond ``limit_concurrency`` connections or tasks
+    and 400 to a header block over ``max_header_bytes``.
     """
 
     max_sessions: int = 1024
@@ -351,14 +363,20 @@ class EnclaveLimits:
     evict_idle_s: float = 600.0
     attest_rate_per_s: float = 5.0
     attest_burst: int = 30
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    limit_concurrency: int = 512
+    max_header_bytes: int = 16 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_pending_sessions", "attest_burst"):
+        for name in ("max_sessions", "max_pending_sessions", "attest_burst",
+                     "limit_concurrency", "max_header_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("session_ttl_s", "pending_session_ttl_s", "evict_idle_s",
-                     "attest_rate_per_s"):
+                     "attest_rate_per_s", "body_timeout_s", "header_timeout_s", "keep_alive_s"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
@@ -511,17 +529,32 @@ class HandshakeRateLimiter:
 
 # --------------------------------------------------------------------------- app
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before buffering it all."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before buffering it all.
+
+    The whole body must arrive within ``timeout_s`` (408 otherwise), so a client trickling
+    bytes cannot hold a connection and a task indefinitely. A client that disconnects
+    mid-body gets an ApiError too (nobody reads the answer), so it is logged in one line by
+    the ApiError handler instead of a traceback.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, "body_too_large", f"request body must be <= {limit} B")
+        raise ApiError(413, "body_too_large", f"request body must be <= {limit} B", close=True)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "body_too_large", f"request body must be <= {limit} B")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise ApiError(413, "body_too_large", f"request body must be <= {limit} B",
+                                   close=True)
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ApiError(408, "body_timeout", f"request body not received within {timeout_s:g} s "
+                       f"({total} B arrived)", close=True) from exc
+    except ClientDisconnect as exc:
+        raise ApiError(400, "client_disconnected",
+                       f"client disconnected after {total} B of the body") from exc
     return b"".join(chunks)
 
 
@@ -551,7 +584,7 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         logger.info("rejected %s: %s", request.url.path, exc.code)
         response = _error(exc.status, exc.code, exc.detail)
-        response.headers.update(exc.headers or {})
+        response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -580,7 +613,7 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
             raise ApiError(429, "rate_limited",
                            "too many attestation handshakes from this address; retry later",
                            retry_after_s=wait)
-        raw = await _read_body(request, MAX_ATTESTATION_BODY_BYTES)
+        raw = await _read_body(request, MAX_ATTESTATION_BODY_BYTES, limits.body_timeout_s)
         try:
             req = AttestationRequest.model_validate_json(raw)
         except ValidationError as exc:
@@ -644,13 +677,13 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
     @app.post("/v1/message")
     async def message(request: Request) -> Response:
         """Body and answer: one binary frame (:func:`~fedprompt.minion.channel.encode_frame`)."""
-        body = await _read_body(request, MAX_BODY_BYTES)
+        body = await _read_body(request, MAX_BODY_BYTES, limits.body_timeout_s)
         return Response(await run_in_threadpool(_complete, body), media_type=FRAME_MEDIA_TYPE)
 
     @app.post("/v1/message/stream")
     async def message_stream(request: Request) -> StreamingResponse:
         """Body: one binary frame. Answer: length-prefixed frames, DATA* then END or ERROR."""
-        body = await _read_body(request, MAX_BODY_BYTES)
+        body = await _read_body(request, MAX_BODY_BYTES, limits.body_timeout_s)
         channel, messages, params = await run_in_threadpool(_open_request, body)
         sid = channel.session_id
 
@@ -676,6 +709,79 @@ def create_app(backend: ChatBackend, provider: AttestationProvider, *,
         return StreamingResponse(records(), media_type=FRAME_STREAM_MEDIA_TYPE)
 
     return app
+
+
+# --------------------------------------------------------------------------- http server
+
+def header_deadline_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol plus a deadline for each request's headers.
+
+    uvicorn has no header read timeout: a connection that never finishes its request
+    headers (slowloris) is held until the client gives up, and trickling bytes after a
+    response even cancels the keep-alive timer. The deadline starts when the connection
+    opens and again after each response, and is cleared once a request's headers are
+    complete; when it passes the connection is closed (there is no request to answer yet).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11Protocol(H11Protocol):
+        _header_deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_deadline = self.loop.call_later(header_timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def _expired(self) -> None:
+            self._header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                logger.info("closed connection from %s: request headers not complete within "
+                            "%g s", self.client[0] if self.client else "?", header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a request's headers are complete
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11Protocol
+
+
+def uvicorn_config(app: FastAPI, limits: EnclaveLimits, **kwargs: Any) -> Any:
+    """The ``uvicorn.Config`` that enforces the connection-level ``limits``.
+
+    ``kwargs`` go to uvicorn as they are (host, port, TLS files, log level). WebSocket
+    upgrades are off (the server has no WebSocket route). Proxy headers
+    are off unless ``forwarded_allow_ips`` is given: uvicorn would otherwise trust
+    ``X-Forwarded-For`` from 127.0.0.1, and a client must not choose the address its
+    handshakes are rate-limited under.
+    """
+    import uvicorn
+
+    kwargs.setdefault("forwarded_allow_ips", None)
+    return uvicorn.Config(
+        app, http=header_deadline_protocol(limits.header_timeout_s), ws="none",
+        timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.limit_concurrency,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        proxy_headers=kwargs["forwarded_allow_ips"] is not None, **kwargs)
 
 
 # --------------------------------------------------------------------------- command
@@ -769,6 +875,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attestation handshakes per second per client address (token bucket)")
     p.add_argument("--attest-burst", type=int, default=d.attest_burst,
                    help="attestation handshakes one client address may make at once")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="S",
+                   help="a request body not received within this gets 408")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="S",
+                   help="a connection whose request headers are not complete within this "
+                        "(after opening or after the previous response) is closed")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s, metavar="S",
+                   help="an idle keep-alive connection is closed after this")
+    p.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                   help="connections or requests in progress beyond which uvicorn answers 503")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="largest request header block (h11 incomplete event size)")
     p.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
                    help="trust X-Forwarded-For/-Proto only from these proxy addresses "
                         "(comma-separated); off by default: rate limits key on the TCP peer")
@@ -795,15 +912,16 @@ def main(argv: list[str] | None = None) -> None:
         max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
         max_pending_sessions=args.max_pending_sessions,
         pending_session_ttl_s=args.pending_session_ttl, evict_idle_s=args.evict_idle,
-        attest_rate_per_s=args.attest_rate, attest_burst=args.attest_burst)
+        attest_rate_per_s=args.attest_rate, attest_burst=args.attest_burst,
+        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        keep_alive_s=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
+        max_header_bytes=args.max_header_bytes)
     app = create_app(backend, provider, limits=limits)
     logging.basicConfig(level=args.log_level.upper())
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key, log_level=args.log_level,
-                # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; a client must not
-                # choose the address its handshakes are rate-limited under.
-                proxy_headers=args.forwarded_allow_ips is not None,
-                forwarded_allow_ips=args.forwarded_allow_ips)
+    config = uvicorn_config(app, limits, host=args.host, port=args.port,
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            log_level=args.log_level, forwarded_allow_ips=args.forwarded_allow_ips)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
