@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from rich.progress import Progress
@@ -128,7 +129,8 @@ class InProcessGrid(Grid):
             reply = self.client_app(message, context)
         except Exception as exc:  # a SuperNode turns ClientApp exceptions into Error replies
             detail = "".join(traceback.format_exception_only(exc)).strip()
-            reply = Message(Error(code=0, reason=detail), reply_to=message)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=detail),
+                            reply_to=message)
         finally:
             TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
             random.setstate(rng[0])
@@ -154,7 +156,11 @@ def run_inprocess(config: RunConfig, num_clients: int | None = None,
                   client_app: ClientApp | None = None, output_dir: Path | None = None,
                   progress: bool = False) -> Path:
     """Run ``config`` in-process; returns the results folder. ``progress`` shows a rich
-    progress bar per round and message type."""
+    progress bar per round and message type. ``num_clients`` (default
+    ``data.num_clients``) is the federation's size: it replaces ``data.num_clients``, so
+    ``config.toml`` records it and the server does not miss clients that never existed."""
+    if num_clients is not None and num_clients != config.data.num_clients:
+        config = config.with_overrides({"data.num_clients": num_clients}, source="--clients")
     with make_progress(progress) as bar:
         grid = inprocess_grid(config, num_clients, client_app, bar if progress else None)
         return run_on_grid(grid, config, output_dir)
