@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedprompt.config import RUN_CONFIG_KEY, RunConfig
+from fedprompt.errors import RunError
 from fedprompt.federated import ClientReply, FederatedServer
 from fedprompt.federated.client_store import RUN_FOLDER_KEY
 from fedprompt.federated.clustered import SHARE_KEY
@@ -119,6 +120,7 @@ class FedPromptStrategy(Strategy):
         self.output_dir = output_dir
         self.run_folder = run_folder_name(server.config, output_dir)
         self._sent: dict[tuple[int, str], list[Message]] = {}  # this round's messages
+        self.completed_round = 0  # the last round whose train and evaluate steps ended
         # clients train with the configuration the server resolved (one resolution)
         self._run_config = server.config.to_toml()
         if not self.run_folder:
@@ -209,7 +211,21 @@ class FedPromptStrategy(Strategy):
         self.server.aggregate(server_round,
                               self._replies(server_round, MessageType.TRAIN, replies))
         self.server.history.write(self.output_dir)
+        self._require_progress(server_round, "train")
         return ArrayRecord(self.server.result_arrays()), None
+
+    def _require_progress(self, server_round: int, kind: str) -> None:
+        """Stop the run (results written) after a step in which clients were addressed
+        but none succeeded, unless ``federation.allow_empty_rounds``: then warn."""
+        problem = self.server.empty_round(server_round, kind)
+        if not problem:
+            return
+        if self.server.config.federation.allow_empty_rounds:
+            log.warning("%s; going on (federation.allow_empty_rounds)", problem)
+            return
+        raise RunError(f"{problem}. Results so far are in {self.output_dir}. Fix the cause "
+                       "and run again, or set federation.allow_empty_rounds=true to go on "
+                       "through such rounds")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -224,6 +240,8 @@ class FedPromptStrategy(Strategy):
         self.server.record_evaluation(
             server_round, self._replies(server_round, MessageType.EVALUATE, replies))
         self.server.history.write(self.output_dir)
+        self._require_progress(server_round, "evaluate")
+        self.completed_round = server_round
         summary = self.server.history.summary(server_round)
         log.info("round %d: local acc %s, neighbor acc %s, record-level eps (max over "
                  "clients) %s, user-level eps %s", server_round,

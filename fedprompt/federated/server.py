@@ -306,6 +306,26 @@ class FederatedServer:
                     "are connected; missing: %s", server_round, len(connected), total, which)
         return absent if unknown == 0 else gone
 
+    def empty_round(self, server_round: int, kind: str) -> str:
+        """'' unless clients were addressed for ``kind`` in ``server_round`` and none
+        succeeded (trained or declined; evaluated): then what became of them, in one
+        line (identical outcomes once, else client by client)."""
+        records = self.history.rounds.get(server_round, {}).get(kind, {})
+        ok = ("trained", "declined") if kind == "train" else ("evaluated",)
+        if not records or any(m.get("status") in ok for m in records.values()):
+            return ""
+        outcomes = [(k, m.get("status", "?"), m.get("reason", "")) for k, m in
+                    sorted(records.items(), key=lambda item: str(item[0]))]
+        verb = "trained" if kind == "train" else "was evaluated"
+        head = f"round {server_round}: no client {verb} ({len(records)} addressed"
+        if len({(status, reason) for _, status, reason in outcomes}) == 1:
+            _, status, reason = outcomes[0]
+            return f"{head}, all {status}: {reason})"
+        shown = "; ".join(f"client {k} {status}: {reason}" for k, status, reason in
+                          outcomes[:5])
+        more = f"; and {len(outcomes) - 5} more" if len(outcomes) > 5 else ""
+        return f"{head}: {shown}{more})"
+
     # --------------------------------------------------------------- aggregation
     @property
     def global_dp_settings(self) -> GlobalDP | None:
