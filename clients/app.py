@@ -56,6 +56,7 @@ from fedprompt.federated.clustered import (
     material_from_config,
 )
 from fedprompt.federated.generative import open_client_session
+from fedprompt.federated.preflight import node_data
 from fedprompt.federated.server import SERVER_EPSILON_KEY
 
 # Opacus calls logging.basicConfig() when imported, which would print Flower's log twice.
@@ -79,25 +80,12 @@ def _run_config(context: Context, msg: Message) -> RunConfig:
 
 
 def _session(context: Context, msg: Message) -> ClientSession:
-    config = _run_config(context, msg)
-    node = context.node_config
-    try:
-        partition_id = int(node["partition-id"])
-        num_partitions = int(node["num-partitions"])
-    except KeyError as exc:
-        raise ValueError(
-            f"node_config has no {exc.args[0]!r}: start the SuperNode with --node-config "
-            "\"partition-id=<i> num-partitions=<n>\" (the simulation engine sets both)"
-        ) from None
-    client_id = partition_id
-    if node.get("dataset"):  # a site with its own data folder trains on all of it
-        config = config.model_copy(update={
-            "data": config.data.model_copy(update={"dataset": str(node["dataset"]),
-                                                   "domains": []})})
-        partition_id, num_partitions = 0, 1
-    key = (config.model_dump_json(), partition_id, num_partitions, client_id)
+    node = node_data(_run_config(context, msg), context.node_config)
+    key = (node.config.model_dump_json(), node.partition_id, node.num_partitions,
+           node.client_id)
     if key not in _SESSIONS:
-        _SESSIONS[key] = open_client_session(config, partition_id, num_partitions, client_id)
+        _SESSIONS[key] = open_client_session(node.config, node.partition_id,
+                                             node.num_partitions, node.client_id)
     return _SESSIONS[key]
 
 

@@ -230,6 +230,11 @@ class FederationConfig(_Section):
         "site to come back; 0: sample whoever is connected"
     )
     evaluate_every: int = Field(1, ge=1, description="evaluate clients every this many rounds")
+    allow_empty_rounds: bool = Field(
+        False, description="go on after a round in which clients were addressed but none "
+        "succeeded (every one failed, was rejected or sent no reply); default: the run stops "
+        "there with an error (results so far are kept) and a non-zero exit"
+    )
 
 
 class PrivacyConfig(_Section):

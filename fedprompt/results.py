@@ -10,26 +10,60 @@ from typing import Any
 
 from fedprompt.atomic import atomic_write_text
 from fedprompt.config import RunConfig
+from fedprompt.errors import ConfigError
+
+
+def check_folder(path: str | Path, what: str = "output_dir") -> Path:
+    """``path`` (expanded) if it is a folder or can be created as one: a
+    :class:`~fedprompt.errors.ConfigError` naming the file in the way otherwise (checked
+    before a run starts, so a bad ``output_dir`` costs no training)."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ConfigError(f"{what} {path} {where}, not a folder: set {what} to a folder (it "
+                          "is created if missing)")
+    return path
+
+
+def make_folder(path: Path, what: str = "output_dir") -> None:
+    """Create ``path`` (and its parents) if missing, with a clear error if it cannot be."""
+    check_folder(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the results folder {path}: {exc.strerror or exc}; "
+                          f"set {what} to a folder you can write to") from exc
 
 
 def create_run_dir(config: RunConfig, output_dir: str | Path | None = None) -> Path:
     """``<output_dir>/<name>-<YYYYmmdd-HHMMSS>`` (suffixed if it already exists), with the
     resolved config written first so that even a failed run says what it was."""
-    parent = Path(output_dir or config.output_dir).expanduser()
+    parent = check_folder(output_dir or config.output_dir)
+    make_folder(parent)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = parent / f"{config.name}-{stamp}"
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = parent / f"{config.name}-{stamp}-{suffix}"
-    path.mkdir(parents=True)
+    while True:
+        try:
+            path.mkdir()  # exclusive: two runs started in the same second get two folders
+            break
+        except FileExistsError:
+            suffix += 1
+            path = parent / f"{config.name}-{stamp}-{suffix}"
+        except OSError as exc:
+            raise ConfigError(f"cannot create the results folder {path}: "
+                              f"{exc.strerror or exc}; set output_dir to a folder you can "
+                              "write to") from exc
     write_config(config, path)
     return path
 
 
 def write_config(config: RunConfig, folder: Path) -> None:
     """``folder/config.toml``: the resolved configuration (seed included), atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     atomic_write_text(folder / "config.toml", f"# resolved configuration of this run (seed "
                       f"{config.seed})\n" + config.to_toml())
 

@@ -11,6 +11,14 @@ simulation of the same apps (tested). Every grid is a run of its own (a random F
 id), so clients never mix state between runs; :meth:`InProcessGrid.restart` forgets a
 node's in-memory state as a restarted SuperNode would (its state folder on disk stays).
 
+Before round 1 the runner checks every client's data (data set, partition, every image
+decoded once while its features are computed, which the clients then reuse), so bad data
+is one clear error. Exit codes: 0 done; 2 a clear error (``fedprompt-sim: error: ...``:
+bad configuration or data, an ``output_dir`` that is a file, ``--clients`` below 1, or a
+round in which no client succeeded, unless ``federation.allow_empty_rounds``); 130
+Ctrl-C (``interrupted after round N; results so far in DIR``: the results files are
+written atomically after every step, so they hold every round completed).
+
     fedprompt-sim --config run.toml --set federation.rounds=3 --clients 4
 """
 
@@ -30,13 +38,15 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from rich.progress import Progress
 
 from fedprompt.config import RunConfig, flatten, load_config
 from fedprompt.console import make_progress, show_fedprompt_logs
-from fedprompt.errors import FedPromptError
+from fedprompt.errors import ConfigError, FedPromptError, RunInterrupted
+from fedprompt.federated.preflight import check_federation_data
 from fedprompt.secure.clustering import ClusteringBackend
 from strategies.server_app import run_server
 
@@ -65,6 +75,10 @@ class InProcessGrid(Grid):
         return Context(run_id=self.run_id, node_id=node,
                        node_config=dict(self._node_configs[node]), state=RecordDict(),
                        run_config=dict(self._run_config))
+
+    def node_configs(self) -> list[dict]:
+        """Every node's node config, by node id (what the data check reads)."""
+        return [dict(self._node_configs[node]) for node in self.node_ids]
 
     def restart(self, node: int) -> None:
         """Forget node ``node``'s in-memory ``context.state``, as when its SuperNode is
@@ -128,7 +142,8 @@ class InProcessGrid(Grid):
             reply = self.client_app(message, context)
         except Exception as exc:  # a SuperNode turns ClientApp exceptions into Error replies
             detail = "".join(traceback.format_exception_only(exc)).strip()
-            reply = Message(Error(code=0, reason=detail), reply_to=message)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=detail),
+                            reply_to=message)
         finally:
             TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
             random.setstate(rng[0])
@@ -145,16 +160,28 @@ def inprocess_grid(config: RunConfig, num_clients: int | None = None,
     ``config``, running ``client_app`` (default: fedprompt's ClientApp)."""
     if client_app is None:
         from clients.app import app as client_app
-    n = num_clients or config.data.num_clients
+    n = config.data.num_clients if num_clients is None else _client_count(num_clients)
     return InProcessGrid(client_app, n, run_config=flatten(config.to_dict()),
                          progress=progress)
+
+
+def _client_count(num_clients: int) -> int:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"--clients {num_clients!r}: a federation needs at least one "
+                          "client; give a whole number >= 1 (or leave it out for "
+                          "data.num_clients)")
+    return num_clients
 
 
 def run_inprocess(config: RunConfig, num_clients: int | None = None,
                   client_app: ClientApp | None = None, output_dir: Path | None = None,
                   progress: bool = False) -> Path:
     """Run ``config`` in-process; returns the results folder. ``progress`` shows a rich
-    progress bar per round and message type."""
+    progress bar per round and message type. ``num_clients`` (default
+    ``data.num_clients``) is the federation's size: it replaces ``data.num_clients``, so
+    ``config.toml`` records it and the server does not miss clients that never existed."""
+    if num_clients is not None and _client_count(num_clients) != config.data.num_clients:
+        config = config.with_overrides({"data.num_clients": num_clients}, source="--clients")
     with make_progress(progress) as bar:
         grid = inprocess_grid(config, num_clients, client_app, bar if progress else None)
         return run_on_grid(grid, config, output_dir)
@@ -163,10 +190,16 @@ def run_inprocess(config: RunConfig, num_clients: int | None = None,
 def run_on_grid(grid: InProcessGrid, config: RunConfig, output_dir: Path | None = None,
                 backend: ClusteringBackend | None = None) -> Path:
     """Run the ServerApp's rounds on ``grid``; ``backend``: a clustering backend for a
-    clustered method (default: the one ``[clustering]`` names)."""
+    clustered method (default: the one ``[clustering]`` names). Every node's data is
+    checked before round 1, images included (:mod:`fedprompt.federated.preflight`: the
+    clients, in this process, then reuse the features it computed)."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
         grid.run_id, SERVER_NODE_ID, SERVER_NODE_ID)
-    return run_server(grid, config, output_dir, backend)
+
+    def check(resolved: RunConfig) -> None:
+        check_federation_data(resolved, grid.node_configs(), images=True)
+
+    return run_server(grid, config, output_dir, backend, check_data=check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedPromptError as exc:
         print(f"fedprompt-sim: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # Ctrl-C during the rounds: its files are complete
+        print(f"fedprompt-sim: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before the results folder existed
+        print("fedprompt-sim: interrupted before round 1; nothing was written",
+              file=sys.stderr)
+        return 130
     print(out)
     return 0
 

@@ -18,7 +18,9 @@ refuses it (a restarted site must not train a round the server has closed). Its 
 also carries ``run-folder``, the results folder's name, under which clients without a
 ``state-dir`` keep their state in simulation (:mod:`fedprompt.federated.client_store`).
 The server is told which nodes each round's messages went to, and takes replies only
-from them, keyed by the node (``src_node_id``) they came from.
+from them, keyed by the node (``src_node_id``) they came from; every addressed node gets
+one record per round (a missing reply included), and each round warns when fewer clients
+are connected than ``data.num_clients``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedprompt.config import RUN_CONFIG_KEY, RunConfig
+from fedprompt.errors import RunError
 from fedprompt.federated import ClientReply, FederatedServer
 from fedprompt.federated.client_store import RUN_FOLDER_KEY
 from fedprompt.federated.clustered import SHARE_KEY
@@ -44,6 +47,13 @@ logging.getLogger("flwr").propagate = False
 
 log = logging.getLogger("fedprompt.strategy")
 
+#: errors the SuperLink answers itself for an addressed node: no reply came from it
+_UNREACHABLE = {
+    ErrorCode.NODE_UNAVAILABLE: "node unavailable",
+    ErrorCode.MESSAGE_UNAVAILABLE: "timeout: the message expired before the node took it",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "timeout: the node's reply expired",
+}
+
 
 def _reply(msg: Message, sent_to: dict[str, int]) -> ClientReply:
     """The server's view of one reply. ``sent_to``: message id -> the node it was sent to.
@@ -51,17 +61,24 @@ def _reply(msg: Message, sent_to: dict[str, int]) -> ClientReply:
     The reply is the node's it came from (``src_node_id``, authenticated by the
     SuperLink), except an error the SuperLink answers itself for a node it could not
     reach ("node unavailable", ``src_node_id`` = the SuperLink): that one is the
-    addressed node's. A reply from one node to a message sent to another is untrusted.
+    addressed node's, recorded as *no reply* (as is the SuperLink's "message/reply
+    unavailable": the message expired), not as a failure of the client. A reply from one
+    node to a message sent to another is untrusted.
     """
     node = msg.metadata.src_node_id
     addressed = sent_to.get(msg.metadata.reply_to_message_id)
-    if msg.has_error() and node == SUPERLINK_NODE_ID and addressed is not None:
+    from_superlink = msg.has_error() and node == SUPERLINK_NODE_ID and addressed is not None
+    if from_superlink:
         node = addressed
     if addressed is not None and node != addressed:
         return ClientReply(node_id=node, untrusted=f"a reply from node {node} to the "
                            f"message sent to node {addressed}")
     if msg.has_error():
-        return ClientReply(node_id=node, error=f"{msg.error.code}: {msg.error.reason}")
+        code, reason = msg.error.code, msg.error.reason
+        if from_superlink and code in _UNREACHABLE:
+            return ClientReply(node_id=node, no_reply=f"{_UNREACHABLE[code]} (the SuperLink "
+                               f"answered {code}: {reason})")
+        return ClientReply(node_id=node, error=f"{code}: {reason}")
     content = msg.content
     metrics = dict(content["metrics"]) if "metrics" in content else {}
     update = None
@@ -103,6 +120,7 @@ class FedPromptStrategy(Strategy):
         self.output_dir = output_dir
         self.run_folder = run_folder_name(server.config, output_dir)
         self._sent: dict[tuple[int, str], list[Message]] = {}  # this round's messages
+        self.completed_round = 0  # the last round whose train and evaluate steps ended
         # clients train with the configuration the server resolved (one resolution)
         self._run_config = server.config.to_toml()
         if not self.run_folder:
@@ -180,10 +198,11 @@ class FedPromptStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         node_ids = self._connected(grid)
+        self.server.check_connected(server_round, node_ids)  # warns about missing clients
         self.server.begin_round(server_round, node_ids)
         nodes = self.server.sample(node_ids)
-        log.info("round %d: %d of %d clients sampled for training", server_round, len(nodes),
-                 self.server.num_clients)
+        log.info("round %d: %d of %d connected clients sampled for training", server_round,
+                 len(nodes), len(node_ids))
         return self._messages(nodes, MessageType.TRAIN, server_round, config)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[
@@ -192,7 +211,21 @@ class FedPromptStrategy(Strategy):
         self.server.aggregate(server_round,
                               self._replies(server_round, MessageType.TRAIN, replies))
         self.server.history.write(self.output_dir)
+        self._require_progress(server_round, "train")
         return ArrayRecord(self.server.result_arrays()), None
+
+    def _require_progress(self, server_round: int, kind: str) -> None:
+        """Stop the run (results written) after a step in which clients were addressed
+        but none succeeded, unless ``federation.allow_empty_rounds``: then warn."""
+        problem = self.server.empty_round(server_round, kind)
+        if not problem:
+            return
+        if self.server.config.federation.allow_empty_rounds:
+            log.warning("%s; going on (federation.allow_empty_rounds)", problem)
+            return
+        raise RunError(f"{problem}. Results so far are in {self.output_dir}. Fix the cause "
+                       "and run again, or set federation.allow_empty_rounds=true to go on "
+                       "through such rounds")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -207,6 +240,8 @@ class FedPromptStrategy(Strategy):
         self.server.record_evaluation(
             server_round, self._replies(server_round, MessageType.EVALUATE, replies))
         self.server.history.write(self.output_dir)
+        self._require_progress(server_round, "evaluate")
+        self.completed_round = server_round
         summary = self.server.history.summary(server_round)
         log.info("round %d: local acc %s, neighbor acc %s, record-level eps (max over "
                  "clients) %s, user-level eps %s", server_round,

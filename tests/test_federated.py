@@ -14,7 +14,7 @@ from clients.app import PERSONAL_KEY
 from clients.app import app as client_app
 from fedprompt.config import load_config
 from fedprompt.training.run import run_local
-from strategies.inprocess import inprocess_grid, run_inprocess, run_on_grid
+from strategies.inprocess import InProcessGrid, inprocess_grid, run_inprocess, run_on_grid
 
 BASE = ["backbone.model='clip-tiny'", "data.max_train_per_class=12", "prompt.n_ctx=4",
         "prompt.rank=2", "train.batch_size=16", "federation.rounds=2"]
@@ -306,3 +306,126 @@ def test_config_toml_records_the_learner_that_ran_and_contradictions_are_refused
         resolve_method(_config(tmp_path, "prompt.residual=false"))
     assert resolve_method(_config(tmp_path, "federation.method='promptfl'")).prompt.learner \
         == "coop"
+
+
+class _FaultyApp:
+    """The ClientApp, except that client ``train_fails`` raises in train and client
+    ``evaluate_fails`` in evaluate (every round)."""
+
+    def __init__(self, train_fails: int, evaluate_fails: int) -> None:
+        self.app = ClientApp()
+
+        @self.app.train()
+        def _train(msg: Message, context: Context) -> Message:
+            if int(context.node_config["partition-id"]) == train_fails:
+                raise RuntimeError("disk full")
+            return client_app(msg, context)
+
+        @self.app.evaluate()
+        def _evaluate(msg: Message, context: Context) -> Message:
+            if int(context.node_config["partition-id"]) == evaluate_fails:
+                raise RuntimeError("GPU fell off the bus")
+            return client_app(msg, context)
+
+
+class _SilentGrid(InProcessGrid):
+    """An in-process grid whose node ``silent`` never replies from round ``from_round``
+    on (its replies are dropped, as when a site goes quiet until the timeout), and whose
+    node ``offline`` is not connected from round ``offline_from`` on."""
+
+    def __init__(self, *args: object, silent: int = 0, from_round: int = 1, offline: int = 0,
+                 offline_from: int = 1, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.silent, self.from_round = silent, from_round
+        self.offline, self.offline_from = offline, offline_from
+        self.current = 1  # the round the server is in (evaluate ends a round)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(super().get_node_ids())
+        gone = self.current >= self.offline_from
+        return [n for n in nodes if not (n == self.offline and gone)]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if not messages:
+            return []
+        rnd = int(messages[0].content["config"]["server-round"])
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages[0].metadata.message_type == "evaluate":
+            self.current = rnd + 1
+        return [r for r in replies if not (r.metadata.src_node_id == self.silent
+                                           and rnd >= self.from_round)]
+
+
+def _statuses(record: dict, kind: str) -> dict[str, tuple[str, str]]:
+    return {k: (v["status"], v.get("reason", "")) for k, v in record[kind].items()}
+
+
+def test_every_addressed_client_gets_one_record_per_round_under_its_own_id(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Client 1 fails to train, client 2 fails to evaluate, client 3 goes silent in round
+    2: each has exactly one train and one evaluate record per round, under its own id,
+    with its status and reason; the failures are logged."""
+    from fedprompt.config import flatten
+
+    config = _config(tmp_path, "federation.method='promptfl'", "data.num_clients=4")
+    grid = _SilentGrid(_FaultyApp(train_fails=1, evaluate_fails=2).app, 4,
+                       run_config=flatten(config.to_dict()), silent=4, from_round=2)
+    with caplog.at_level("WARNING", logger="fedprompt"):
+        data = _metrics(run_on_grid(grid, config, tmp_path / "out"))
+    timeout = "no reply within federation.timeout = 3600 s"
+    for record in data["rounds"]:
+        silent = record["round"] == 2
+        train, evaluate = _statuses(record, "train"), _statuses(record, "evaluate")
+        assert train == {"0": ("trained", ""), "1": ("failed", train["1"][1]),
+                         "2": ("trained", ""),
+                         "3": ("no reply", timeout) if silent else ("trained", "")}
+        assert "RuntimeError: disk full" in train["1"][1]
+        assert evaluate == {"0": ("evaluated", ""), "1": ("evaluated", ""),
+                            "2": ("failed", evaluate["2"][1]),
+                            "3": ("no reply", timeout) if silent else ("evaluated", "")}
+        assert "RuntimeError: GPU fell off the bus" in evaluate["2"][1]
+        assert record["ignored"] == []
+        summary = record["summary"]
+        assert (summary["clients_trained"], summary["failed"], summary["no_reply"]) == (
+            (2, 1, 1) if silent else (3, 1, 0))
+        assert [r["client"] for r in record["server"]["rejected"]] == [1]
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("node 2" in m and "failed to train: 2: RuntimeError: disk full" in m
+               for m in logged) == 2
+    assert sum("client 2 (node 3) failed to evaluate" in m and "GPU fell off" in m
+               for m in logged) == 2
+    assert sum("client 3 (node 4) sent no" in m for m in logged) == 2  # train, evaluate
+
+
+def test_a_client_that_never_replies_is_recorded_under_its_node(tmp_path: Path) -> None:
+    """A node that never said who it is has its records under ``node-<id>``."""
+    from fedprompt.config import flatten
+
+    config = _config(tmp_path, "federation.method='promptfl'", "data.num_clients=2",
+                     "federation.rounds=1")
+    grid = _SilentGrid(client_app, 2, run_config=flatten(config.to_dict()), silent=2)
+    record = _metrics(run_on_grid(grid, config, tmp_path / "out"))["rounds"][0]
+    assert set(record["train"]) == set(record["evaluate"]) == {"0", "node-2"}
+    assert record["train"]["node-2"]["status"] == "no reply"
+    assert record["evaluate"]["node-2"]["status"] == "no reply"
+
+
+def test_missing_clients_are_named_every_round(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Node 3 (client 2) is offline from round 2: each round says how many clients of
+    data.num_clients are connected and which are missing; it is addressed no longer."""
+    from fedprompt.config import flatten
+
+    config = _config(tmp_path, "federation.method='promptfl'", "data.num_clients=3",
+                     "federation.rounds=3")
+    grid = _SilentGrid(client_app, 3, run_config=flatten(config.to_dict()), offline=3,
+                       offline_from=2)
+    with caplog.at_level("WARNING", logger="fedprompt"):
+        data = _metrics(run_on_grid(grid, config, tmp_path / "out"))
+    assert [sorted(r["train"]) for r in data["rounds"]] == [["0", "1", "2"], ["0", "1"],
+                                                           ["0", "1"]]
+    missing = [r.getMessage() for r in caplog.records if "are connected; missing" in
+               r.getMessage()]
+    assert missing == [f"round {r}: only 2 of the federation's 3 clients (data.num_clients) "
+                       "are connected; missing: client 2 (node 3, offline)" for r in (2, 3)]

@@ -322,9 +322,11 @@ def test_a_reply_claiming_another_client_changes_nothing_of_it(tmp_path: Path,
         assert record["train"]["0"]["partition-id"] == 0
         assert (record["train"]["0"]["steps"], record["train"]["0"]["epsilon"]) == (
             steps, epsilon)
-    # the spoofer is recorded, as rejected, under its own node and counts for nobody
+    # the spoofer is recorded, as rejected, under its own client (its node is client 1:
+    # its evaluate replies say so) and counts for nobody
     for record in data["rounds"][from_round - 1:]:
-        spoofed = record["train"]["node-2"]
+        spoofed = record["train"]["1"]
+        assert spoofed["status"] == "rejected"
         assert "claims to be client 0" in spoofed["untrusted"]
         assert spoofed["claimed-epsilon"] == 0.01 and spoofed["claimed-partition-id"] == 0
         assert any("claims to be client 0" in r["reason"]
@@ -362,6 +364,11 @@ def test_the_server_takes_replies_only_from_addressed_nodes_once(tmp_path: Path)
     reasons = [r["reason"] for r in info["rejected"]]
     assert any("node 13 was not sent a train message" in r for r in reasons)
     assert any("a second train reply from node 11" in r for r in reasons)
+    # one record per addressed node; the other replies are nobody's record
+    assert set(server.history.rounds[1]["train"]) == {0, 1}
+    assert sorted((i["node"], i["reason"]) for i in server.history.rounds[1]["ignored"]) == [
+        (11, "a second train reply from node 11 in round 1"),
+        (13, "node 13 was not sent a train message in round 1")]
 
     server.address(2, "train", [11, 12])
     # node 12 now claims client 0, node 11 reports less than it already spent
@@ -373,7 +380,12 @@ def test_the_server_takes_replies_only_from_addressed_nodes_once(tmp_path: Path)
     assert "claims to be client 0, but node 12 is client 1" in reasons
     assert [e.epsilon for e in server.history.client_ledgers[0].entries] == [1.0]
     assert [e.epsilon for e in server.history.client_ledgers[1].entries] == [1.0]
-    assert set(server.history.rounds[2]["train"]) == {"node-11", "node-12"}
+    # each rejected reply is its client's record of the round, with the reason
+    train = server.history.rounds[2]["train"]
+    assert set(train) == {0, 1}
+    assert all(r["status"] == "rejected" and r["reason"].startswith("untrusted: ")
+               for r in train.values())
+    assert "claims to be client 0" in train[1]["untrusted"]
 
     # a client that forgot its budget reports its first round's figures again: refused
     server.address(3, "train", [12])
@@ -394,18 +406,28 @@ def test_in_process_grids_are_separate_runs() -> None:
 
 def test_a_superlink_error_counts_for_the_node_it_could_not_reach() -> None:
     from flwr.app import Error
-    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
     from strategies.strategy import _reply
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 0, 0
     sent = Message(RecordDict(), dst_node_id=7, message_type="train")
     sent.metadata.__dict__["_message_id"] = "m7"
-    # "node unavailable", answered by the SuperLink itself for node 7
-    error = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent)
+    # "node unavailable", answered by the SuperLink itself for node 7: no reply from 7
+    error = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+                    reply_to=sent)
     error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
     reply = _reply(error, {"m7": 7})
-    assert reply.node_id == 7 and "Node Unavailable" in reply.error and not reply.untrusted
+    assert reply.node_id == 7 and not reply.error and not reply.untrusted
+    assert reply.no_reply.startswith("node unavailable") and "Node Unavailable" in reply.no_reply
+    assert reply.status("train") == ("no reply", reply.no_reply)
+    # (an in-process node may have the SuperLink's id 1: its ClientApp's errors are its own)
+    sent_to_1 = Message(RecordDict(), dst_node_id=SUPERLINK_NODE_ID, message_type="train")
+    sent_to_1.metadata.__dict__["_message_id"] = "m1"
+    raised = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="disk full"),
+                     reply_to=sent_to_1)
+    reply = _reply(raised, {"m1": SUPERLINK_NODE_ID})
+    assert reply.status("train") == ("failed", "2: disk full")
     # a reply from node 8 to the message sent to node 7 speaks for nobody
     other = Message(RecordDict({"metrics": MetricRecord({"partition-id": 0})}),
                     reply_to=sent)

@@ -56,6 +56,7 @@ from fedprompt.training.trainer import LocalTrainer
 _BACKBONES: dict[str, VisionLanguageBackbone] = {}
 _SPLITS: dict[str, DataSplits] = {}
 _FEATURES: dict[tuple[str, str], Tensor] = {}
+_PARTITIONS: dict[str, tuple[DataSplits, list[ClientPartition]]] = {}
 
 
 def _key(model: Any) -> str:
@@ -75,6 +76,36 @@ def cached_splits(config: DataConfig) -> DataSplits:
     if key not in _SPLITS:
         _SPLITS[key] = load_dataset(config)
     return _SPLITS[key]
+
+
+def cached_partitions(splits: DataSplits, config: DataConfig,
+                      num_partitions: int) -> list[ClientPartition]:
+    """Every client's partition of ``splits`` (those of ``config``) into
+    ``num_partitions``, computed once per data set and client count."""
+    data = config.model_copy(update={"num_clients": num_partitions})
+    key = _key(data.model_copy(update={"client": -1}))
+    cached = _PARTITIONS.get(key)
+    if cached is None or cached[0] is not splits:
+        cached = _PARTITIONS[key] = (splits, partition(splits, data))
+    return cached[1]
+
+
+def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> tuple[
+    RunConfig, DataSplits, ClientPartition, int
+]:
+    """What partition ``partition_id`` of ``num_partitions`` trains on: the run's config
+    for its data (with ``data.domains``: its domain's), the data set's splits, its
+    partition and its domain (0 without domains). Raises
+    :class:`~fedprompt.errors.DataError` where the data cannot give it one."""
+    domain = 0
+    if config.data.domains:  # multi-domain: this client's domain and partition in it
+        slot = domain_slot(config.data, partition_id, num_partitions)
+        config = config.model_copy(update={"data": slot.data})
+        partition_id, num_partitions, domain = (slot.partition_id, slot.num_partitions,
+                                                slot.domain)
+    splits = cached_splits(config.data)
+    return config, splits, cached_partitions(splits, config.data, num_partitions)[
+        partition_id], domain
 
 
 def cached_features(config: RunConfig, backbone: VisionLanguageBackbone,
@@ -163,17 +194,10 @@ class ClientSession:
     def __init__(self, config: RunConfig, partition_id: int, num_partitions: int,
                  client_id: int | None = None) -> None:
         self.partition_id = partition_id if client_id is None else client_id
-        self.domain = 0
-        if config.data.domains:  # multi-domain: this client's domain and partition in it
-            slot = domain_slot(config.data, partition_id, num_partitions)
-            config = config.model_copy(update={"data": slot.data})
-            partition_id, num_partitions, self.domain = (slot.partition_id,
-                                                         slot.num_partitions, slot.domain)
+        config, self.splits, self.part, self.domain = client_data(config, partition_id,
+                                                                  num_partitions)
         self.config = config
         self.backbone = cached_backbone(config.backbone)
-        self.splits = cached_splits(config.data)
-        data_config = config.data.model_copy(update={"num_clients": num_partitions})
-        self.part: ClientPartition = partition(self.splits, data_config)[partition_id]
         # from here on, partition_id names the client (metrics, seeds)
         train_all, test_all = cached_features(config, self.backbone, self.splits)
         self.train_features = train_all[torch.as_tensor(self.part.train)]

@@ -316,6 +316,7 @@ class ClusteredServer(FederatedServer):
 
     # ------------------------------------------------------------- aggregation
     def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
+        replies = self.complete(server_round, "train", replies)
         accepted, rejected = self.screen(server_round, replies)
         groups: dict[int, list[Accepted]] = {c: [] for c in self.prompts}
         for a in accepted:

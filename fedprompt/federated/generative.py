@@ -80,6 +80,24 @@ def _encoded(config: RunConfig, backbone: LlavaBackbone, qa: QASplits) -> tuple[
     return _ENCODED[key]
 
 
+def check_generative_data(config: RunConfig, partition_id: int, num_partitions: int, *,
+                          encode: bool) -> None:
+    """What :class:`GenerativeClientSession` does with its data, without the model: load
+    the question-answer splits, take the partition and, with ``encode``, encode the
+    images (cached, so the session then reuses them). Raises where a client would."""
+    if getattr(config.data, "domains", None):
+        raise ConfigError("data.domains is not supported with a LLaVA backbone yet: give "
+                          "one data.dataset")
+    qa = load_qa(config)
+    data_config = config.data.model_copy(update={"num_clients": num_partitions})
+    partition(as_label_splits(qa), data_config)[partition_id]
+    if encode:
+        backbone = cached_backbone(config.backbone)
+        if not isinstance(backbone, LlavaBackbone):
+            raise ConfigError(f"backbone.model={config.backbone.model!r} is not a LLaVA model")
+        _encoded(config, backbone, qa)
+
+
 class GenerativeClientSession(ClientSession):
     """One client of a run on a LLaVA backbone (see the module docstring)."""
 

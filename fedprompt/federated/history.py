@@ -2,11 +2,16 @@
 
 Files written (all updated after every round, so an interrupted run keeps what it did):
 
-* ``metrics.json``: schema ``fedprompt.federated/1``; ``rounds`` holds, per round, every
-  client's train metrics (loss, accuracy, steps, epsilon, declined) and evaluation
-  metrics (local and neighbor accuracy/loss), the server's aggregation info (accepted,
-  rejected with reasons, clipped, noise std, global epsilon) and a ``summary`` (mean and
-  standard deviation across clients);
+* ``metrics.json``: schema ``fedprompt.federated/1``; ``rounds`` holds, per round, one
+  ``train`` and one ``evaluate`` record of every client addressed that round, each with
+  its ``status`` (``trained``/``evaluated``, ``declined``, ``rejected``, ``failed`` or
+  ``no reply``) and, unless it succeeded, the ``reason`` (the decline, the rejection, the
+  client's error text, the timeout or unavailability), beside its metrics (loss,
+  accuracy, steps, epsilon, declined; local and neighbor accuracy/loss); ``ignored``:
+  replies that are no client's record (from a node not addressed, a second reply, a
+  reply to another node's message); the server's aggregation info (accepted, rejected
+  with reasons, clipped, noise std, global epsilon) and a ``summary`` (mean and standard
+  deviation across clients; counts of trained, declined, rejected, failed and missing);
 * ``rounds.csv`` (one row per round) and ``clients.csv`` (one row per round and client);
 * ``privacy_ledger.json``: each client's and the server's accountant epsilon per round,
   with the nominal epsilon beside it when the nominal recipe is used (clustered methods:
@@ -23,10 +28,11 @@ Files written (all updated after every round, so an interrupted run keeps what i
 
 Clients are keyed by the client id the server bound their authenticated node to
 (:meth:`~fedprompt.federated.server.FederatedServer.client_of`), never by what a reply
-says about itself; a node not bound yet appears as ``node-<id>``. An *untrusted* reply
-(wrong node, a claim that disagrees with the binding, a falling epsilon) is recorded only
-under ``node-<its node id>`` with ``untrusted`` (the reason) and its claims prefixed
-``claimed-``; it enters no ledger and no summary. The server's copy of a client's ledger
+says about itself; a node not bound yet appears as ``node-<id>`` until it binds (then its
+earlier records move to its client id). An addressed node's *untrusted* reply (a claim
+that disagrees with the binding, a falling epsilon) is its record, with status
+``rejected``, ``untrusted`` (the reason) and its claims prefixed ``claimed-``; it enters
+no ledger and no summary. The server's copy of a client's ledger
 is built from the same entries the client records in its own
 (:func:`~fedprompt.privacy.ledger.client_round_entry`) and, like it, never decreases.
 """
@@ -61,7 +67,8 @@ if TYPE_CHECKING:
     from fedprompt.federated.server import ClientReply
 
 ROUND_COLUMNS = [
-    "round", "clients_trained", "declined", "rejected", "train_loss_mean",
+    "round", "clients_trained", "declined", "rejected", "failed", "no_reply",
+    "train_loss_mean",
     "local_accuracy_mean", "local_accuracy_std", "neighbor_accuracy_mean",
     "neighbor_accuracy_std", "local_epsilon_max", "global_epsilon",
 ]
@@ -106,24 +113,60 @@ class FederatedHistory:
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round, "train": {},
-                                                     "evaluate": {}, "server": {}})
+                                                     "evaluate": {}, "ignored": [],
+                                                     "server": {}})
 
     @staticmethod
     def _key(reply: ClientReply) -> int | str:
-        """The reply's client id, or ``node-<id>`` (unbound node, untrusted reply)."""
-        if reply.untrusted or reply.client is None:
-            return node_label(reply.node_id)
-        return reply.client
+        """The client id of the reply's node, or ``node-<id>`` (a node not bound yet)."""
+        return node_label(reply.node_id) if reply.client is None else reply.client
 
     @staticmethod
-    def _metrics(reply: ClientReply) -> dict[str, Any]:
+    def _metrics(reply: ClientReply, kind: str) -> dict[str, Any]:
+        status, reason = reply.status(kind)
+        head: dict[str, Any] = {"status": status} | ({"reason": reason} if reason else {})
         if reply.untrusted:  # its claims are kept for the record, under other names
-            return {"untrusted": reply.untrusted,
-                    **{f"claimed-{k}": v for k, v in reply.metrics.items()}}
-        metrics = dict(reply.metrics)
+            return head | {"untrusted": reply.untrusted,
+                           **{f"claimed-{k}": v for k, v in reply.metrics.items()}}
+        metrics = head | dict(reply.metrics)
         if reply.error:
             metrics["error"] = reply.error
         return metrics
+
+    def _record(self, server_round: int, kind: str,
+                replies: Sequence[ClientReply]) -> list[ClientReply]:
+        """File each addressed node's reply under its client; the others under
+        ``ignored``. Returns the filed (answering) replies."""
+        record = self._round(server_round)
+        filed = []
+        for reply in replies:
+            if not reply.answers:
+                record["ignored"].append({"kind": kind, "node": reply.node_id,
+                                          "reason": reply.untrusted or "not addressed",
+                                          **{f"claimed-{k}": v
+                                             for k, v in reply.metrics.items()}})
+                continue
+            key = self._key(reply)
+            if key in record[kind]:
+                raise RuntimeError(f"round {server_round}: two {kind} records for client "
+                                   f"{key}: the server must take one reply per node")
+            record[kind][key] = self._metrics(reply, kind)
+            filed.append(reply)
+        return filed
+
+    def rename(self, old: str, new: int) -> None:
+        """Move the records filed under ``old`` (``node-<id>``) to client ``new``, when
+        that node binds to a client after rounds in which it had not said who it is."""
+        for record in self.rounds.values():
+            for kind in ("train", "evaluate"):
+                if old in record[kind]:
+                    if new in record[kind]:
+                        raise RuntimeError(f"round {record['round']}: client {new} has a "
+                                           f"{kind} record already; cannot file {old}'s")
+                    record[kind][new] = record[kind].pop(old)
+            for entry in record["server"].get("rejected", []):
+                if entry.get("client") == old:
+                    entry["client"] = new
 
     def client_ledger(self, client: int) -> PrivacyLedger:
         """The server's copy of client ``client``'s ledger (created empty)."""
@@ -157,12 +200,10 @@ class FederatedHistory:
                      info: dict[str, Any]) -> None:
         record = self._round(server_round)
         privacy = self.config.privacy
-        for reply in replies:
-            metrics = self._metrics(reply)
+        for reply in self._record(server_round, "train", replies):
             if reply.declined_reason and not reply.untrusted:
-                metrics["declined_reason"] = reply.declined_reason
-            record["train"][self._key(reply)] = metrics
-            if reply.untrusted or reply.error or reply.client is None:
+                record["train"][self._key(reply)]["declined_reason"] = reply.declined_reason
+            if reply.untrusted or reply.error or reply.no_reply or reply.client is None:
                 continue
             entry = self.client_entry(reply.client, reply.metrics, server_round)
             if entry is not None:
@@ -209,23 +250,26 @@ class FederatedHistory:
                                          [assignment[c] for c in clients]))
 
     def record_evaluate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
-        record = self._round(server_round)
-        for reply in replies:
-            record["evaluate"][self._key(reply)] = self._metrics(reply)
+        self._record(server_round, "evaluate", replies)
 
     # ------------------------------------------------------------------ summary
     def summary(self, server_round: int) -> dict[str, Any]:
         record = self.rounds[server_round]
-        train = [m for m in record["train"].values() if "untrusted" not in m]
-        evaluate = [m for m in record["evaluate"].values() if "untrusted" not in m]
+        statuses = [m.get("status") for m in record["train"].values()]
+        train = [m for m in record["train"].values() if m.get("status") == "trained"]
+        evaluate = [m for m in record["evaluate"].values() if m.get("status") == "evaluated"]
         local_mean, local_std = _stats([m.get("local-accuracy") for m in evaluate])
         neighbor_mean, neighbor_std = _stats([m.get("neighbor-accuracy") for m in evaluate])
         validation = {}
         if any("val-accuracy" in m for m in evaluate):
             val_mean, val_std = _stats([m.get("val-accuracy") for m in evaluate])
             validation = {"val_accuracy_mean": val_mean, "val_accuracy_std": val_std}
-        loss_mean, _ = _stats([m.get("train-loss") for m in train if not m.get("declined")])
-        eps = [m.get("epsilon", -1.0) for m in train if m.get("epsilon", -1.0) >= 0]
+        loss_mean, _ = _stats([m.get("train-loss") for m in train])
+        # what every trusted reply says its client has spent (declined, or its update
+        # rejected, included: their ledgers record it)
+        spent = [m for m in record["train"].values() if "untrusted" not in m
+                 and m.get("status") in ("trained", "declined", "rejected")]
+        eps = [m.get("epsilon", -1.0) for m in spent if m.get("epsilon", -1.0) >= 0]
         server = record["server"]
         clustered = {}
         if "clusters" in server:
@@ -239,10 +283,11 @@ class FederatedHistory:
             }
         return {
             "round": server_round,
-            "clients_trained": sum(1 for m in train if not m.get("declined")
-                                   and "error" not in m),
-            "declined": sum(1 for m in train if m.get("declined")),
+            "clients_trained": statuses.count("trained"),
+            "declined": statuses.count("declined"),
             "rejected": len(record["server"].get("rejected", [])),
+            "failed": statuses.count("failed"),
+            "no_reply": statuses.count("no reply"),
             "train_loss_mean": loss_mean,
             "local_accuracy_mean": local_mean, "local_accuracy_std": local_std,
             "neighbor_accuracy_mean": neighbor_mean, "neighbor_accuracy_std": neighbor_std,

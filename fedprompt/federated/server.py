@@ -15,6 +15,14 @@ round, is a second reply of a node in a round, names another client than its nod
 names a client bound to another node, or when its epsilon or step count is below what
 its client's ledger already holds. Records and ledgers are keyed by the bound client id
 (:meth:`FederatedServer.client_of`).
+
+Every node addressed in a round (train or evaluate) gets exactly one record of that
+round, under the node's client (:meth:`FederatedServer.label`; a node that binds later
+has its earlier ``node-<id>`` records renamed to its client id): its own first reply, or,
+where none came, a *no reply* placeholder (:meth:`FederatedServer.complete`). Replies
+that are nobody's record (unaddressed nodes, second replies, a reply to a message sent to
+another node) are kept apart as *ignored*. Every failure, rejection and missing reply is
+logged at warning level, for train and evaluate alike.
 """
 
 from __future__ import annotations
@@ -59,9 +67,31 @@ class ClientReply:
     error: str = ""
     declined_reason: str = ""
     submission: bytes = b""  # sealed clustering submission (clustered methods)
-    # set by the server's screening (FederatedServer.identify):
+    #: why no reply came from the node (the round's deadline passed, or the SuperLink
+    #: answered that the node is unavailable); then nothing else is set
+    no_reply: str = ""
+    # set by the server's screening (FederatedServer.identify, FederatedServer.screen):
     client: int | None = None  # the client its node is bound to (None: not bound yet)
     untrusted: str = ""  # why its claims were not believed (then it counts for nobody)
+    rejected: str = ""  # why its update failed validation (shape, dtype, finite, norm)
+    #: the addressed node's one reply of the round (its record); False: an ignored reply
+    answers: bool = False
+
+    def status(self, kind: str) -> tuple[str, str]:
+        """What became of the node this round and why: ``trained`` (train) or
+        ``evaluated`` (evaluate), ``declined``, ``rejected``, ``failed`` (the error text)
+        or ``no reply``; the reason is '' for a success."""
+        if self.no_reply:
+            return "no reply", self.no_reply
+        if self.untrusted:
+            return "rejected", f"untrusted: {self.untrusted}"
+        if self.error:
+            return "failed", self.error
+        if self.declined_reason:
+            return "declined", self.declined_reason
+        if self.rejected:
+            return "rejected", self.rejected
+        return ("trained" if kind == "train" else "evaluated"), ""
 
 
 @dataclass
@@ -160,9 +190,37 @@ class FederatedServer:
         client = self.client_of(node_id)
         return node_label(node_id) if client is None else client
 
+    def complete(self, server_round: int, kind: str,
+                 replies: Sequence[ClientReply]) -> list[ClientReply]:
+        """The round's replies, identified (:meth:`identify`), plus a *no reply* record
+        for every addressed node that sent no reply of its own (a message whose deadline,
+        ``federation.timeout``, passed without an answer). Every addressed node has
+        exactly one reply with ``answers`` set in the result; logs every missing reply."""
+        replies = list(replies)
+        self.identify(server_round, kind, replies)
+        answered = {r.node_id for r in replies if r.answers}
+        timeout = self.config.federation.timeout
+        for node in sorted(self._addressed[(server_round, kind)] - answered):
+            missing = ClientReply(node_id=node, answers=True, client=self.client_of(node),
+                                  no_reply=f"no reply within federation.timeout = "
+                                  f"{timeout:g} s")
+            log.warning("round %d: %s sent no %s reply: %s", server_round, self.who(node),
+                        kind, missing.no_reply)
+            replies.append(missing)
+        return replies
+
+    def who(self, node_id: int) -> str:
+        """A node for the log: ``client 3 (node 17)``, or ``node 17 (client not known
+        yet)`` before its first valid reply."""
+        client = self.client_of(node_id)
+        return (f"node {node_id} (client not known yet)" if client is None
+                else f"client {client} (node {node_id})")
+
     def identify(self, server_round: int, kind: str, replies: Sequence[ClientReply]) -> None:
-        """Set each reply's ``client`` (binding a node on its first valid claim) and
-        ``untrusted`` reason (see the module docstring); logs every untrusted reply."""
+        """Set each reply's ``client`` (binding a node on its first valid claim),
+        ``untrusted`` reason and ``answers`` (the addressed node's own first reply: its
+        record of the round); see the module docstring. Logs every untrusted, failed or
+        missing reply."""
         expected = self._addressed.get((server_round, kind))
         if expected is None:
             raise RuntimeError(f"round {server_round}: replies to {kind} messages that were "
@@ -174,20 +232,30 @@ class FederatedServer:
             if not reply.untrusted:  # (the transport may have found a reason already)
                 reply.untrusted = self._admit(server_round, kind, reply, expected, seen)
             reply.client = self.client_of(node)
+            who = self.who(node)
             if reply.untrusted:
-                log.warning("round %d: rejected the %s reply from node %d (%s): %s",
-                            server_round, kind, node, self.label(node), reply.untrusted)
+                log.warning("round %d: rejected the %s reply from %s: %s", server_round, kind,
+                            who, reply.untrusted)
+            elif reply.no_reply:
+                log.warning("round %d: %s sent no %s reply: %s", server_round, who, kind,
+                            reply.no_reply)
+            elif reply.error:
+                log.warning("round %d: %s failed to %s: %s", server_round, who, kind,
+                            reply.error)
 
     def _admit(self, server_round: int, kind: str, reply: ClientReply, expected: set[int],
                seen: set[int]) -> str:
-        """'' if the reply may be taken (binding its node on first use), else why not."""
+        """'' if the reply may be taken (binding its node on first use), else why not.
+        The first reply of an addressed node is its record (``answers``), trusted or
+        not; any other reply is ignored."""
         node = reply.node_id
         if node not in expected:
             return f"node {node} was not sent a {kind} message in round {server_round}"
         if node in seen:
             return f"a second {kind} reply from node {node} in round {server_round}"
         seen.add(node)
-        return "" if reply.error else self._claim(reply)
+        reply.answers = True
+        return "" if reply.error or reply.no_reply else self._claim(reply)
 
     def _claim(self, reply: ClientReply) -> str:
         """Check (and on first use bind) the client id a reply names; '' if it holds."""
@@ -208,8 +276,55 @@ class FederatedServer:
             return f"it claims to be client {claimed}, which is node {owner}"
         self._node_clients[node] = claimed
         self._client_nodes[claimed] = node
+        self.history.rename(node_label(node), claimed)  # its records before it said so
         log.info("node %d is client %d", node, claimed)
         return ""
+
+    def check_connected(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
+        """Log a warning when fewer nodes are connected than the federation has clients
+        (``data.num_clients``), naming the missing clients as far as the bindings tell.
+        Returns the client ids known to be missing."""
+        total = self.config.data.num_clients
+        connected = set(int(n) for n in node_ids)
+        if len(connected) >= total:
+            return []
+        present = {c for n in connected if (c := self.client_of(n)) is not None}
+        unknown = len(connected) - len(present)  # connected, not identified yet
+        absent = [c for c in range(total) if c not in present]
+        gone = [c for c in absent if c in self._client_nodes]  # seen before, now offline
+        if unknown == 0:
+            which = ", ".join(
+                f"client {c}" + (f" (node {self._client_nodes[c]}, offline)" if c in gone
+                                 else " (not seen yet)") for c in absent)
+        else:
+            which = (f"{total - len(connected)} of clients {absent} ({unknown} connected "
+                     f"node(s) have not identified themselves yet)")
+            if gone:
+                which += "; offline: " + ", ".join(
+                    f"client {c} (node {self._client_nodes[c]})" for c in gone)
+        log.warning("round %d: only %d of the federation's %d clients (data.num_clients) "
+                    "are connected; missing: %s", server_round, len(connected), total, which)
+        return absent if unknown == 0 else gone
+
+    def empty_round(self, server_round: int, kind: str) -> str:
+        """'' unless clients were addressed for ``kind`` in ``server_round`` and none
+        succeeded (trained or declined; evaluated): then what became of them, in one
+        line (identical outcomes once, else client by client)."""
+        records = self.history.rounds.get(server_round, {}).get(kind, {})
+        ok = ("trained", "declined") if kind == "train" else ("evaluated",)
+        if not records or any(m.get("status") in ok for m in records.values()):
+            return ""
+        outcomes = [(k, m.get("status", "?"), m.get("reason", "")) for k, m in
+                    sorted(records.items(), key=lambda item: str(item[0]))]
+        verb = "trained" if kind == "train" else "was evaluated"
+        head = f"round {server_round}: no client {verb} ({len(records)} addressed"
+        if len({(status, reason) for _, status, reason in outcomes}) == 1:
+            _, status, reason = outcomes[0]
+            return f"{head}, all {status}: {reason})"
+        shown = "; ".join(f"client {k} {status}: {reason}" for k, status, reason in
+                          outcomes[:5])
+        more = f"; and {len(outcomes) - 5} more" if len(outcomes) > 5 else ""
+        return f"{head}: {shown}{more})"
 
     # --------------------------------------------------------------- aggregation
     @property
@@ -221,16 +336,18 @@ class FederatedServer:
     def screen(self, server_round: int, replies: Sequence[ClientReply]) -> tuple[
         list[Accepted], list[dict[str, object]]
     ]:
-        """Validate every reply: the accepted updates (ordered by client) and the rejected
-        ones with their reasons (logged). Untrusted replies (:meth:`identify`), errors and
-        declines are never accepted; nor is a reply whose epsilon or step count is below
-        its client's ledger (it is marked untrusted)."""
-        self.identify(server_round, "train", replies)
+        """Validate every reply of :meth:`complete`: the accepted updates (ordered by
+        client) and the rejected ones with their reasons (logged). Untrusted replies
+        (:meth:`identify`), errors, missing replies and declines are never accepted; nor
+        is a reply whose epsilon or step count is below its client's ledger (it is marked
+        untrusted)."""
         accepted: list[Accepted] = []
         rejected: list[dict[str, object]] = []
         for reply in sorted(replies, key=lambda r: (r.client is None, r.client or 0,
                                                     r.node_id)):
             who = self.label(reply.node_id)
+            if reply.no_reply:
+                continue  # (logged by complete/identify)
             if not reply.untrusted and not reply.error and reply.client is not None:
                 try:
                     self.history.check_client_entry(reply.client, reply.metrics,
@@ -244,8 +361,7 @@ class FederatedServer:
                 continue
             if reply.error:
                 rejected.append({"client": who, "reason": f"client error: {reply.error}"})
-                log.warning("round %d: client %s failed: %s", server_round, who, reply.error)
-                continue
+                continue  # (logged by identify)
             if reply.declined_reason:
                 log.info("round %d: client %s declined: %s", server_round, who,
                          reply.declined_reason)
@@ -256,6 +372,7 @@ class FederatedServer:
                 update = validate_update(reply.update or {}, self.expected,
                                          self.config.federation.max_update_norm)
             except UpdateRejected as exc:
+                reply.rejected = str(exc)
                 rejected.append({"client": who, "reason": str(exc)})
                 log.warning("round %d: rejected the update of client %s: %s", server_round,
                             who, exc)
@@ -275,6 +392,7 @@ class FederatedServer:
 
     def aggregate(self, server_round: int, replies: Sequence[ClientReply]) -> None:
         """Validate the round's replies and update the shared tensors."""
+        replies = self.complete(server_round, "train", replies)
         accepted, rejected = self.screen(server_round, replies)
         info: dict[str, object] = {"accepted": len(accepted), "rejected": rejected}
         if self.shared:
@@ -290,8 +408,9 @@ class FederatedServer:
         self.history.record_train(server_round, replies, info)
 
     def record_evaluation(self, server_round: int, replies: Sequence[ClientReply]) -> None:
-        self.identify(server_round, "evaluate", replies)
-        self.history.record_evaluate(server_round, replies)
+        """Record the round's evaluate replies (one record per addressed node)."""
+        self.history.record_evaluate(server_round,
+                                     self.complete(server_round, "evaluate", replies))
 
     def shared_numpy(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.shared.items()}
