@@ -641,8 +641,9 @@ def from_run_config(run_config: Mapping[str, Any],
     experiment) with the ``--run-config`` overrides.
 
     * With ``override_config`` (the run's own overrides, ``grid.run.override_config`` in
-      a ServerApp) the resolution is exact: the file named by ``config`` (the override's,
-      else the app config's, else ``FEDPROMPT_CONFIG``), then every override as given.
+      a ServerApp) the resolution is exact: the file named by the override's ``config``,
+      else by ``FEDPROMPT_CONFIG``, else by the app config's ``config`` (the default
+      preset), then every override as given.
     * Without it (a ClientApp sees only the fused mapping) a key whose value differs from
       its default is taken as an override; a ``--run-config`` value equal to the default
       cannot be told apart from "not given". That is why the server sends the
@@ -650,12 +651,16 @@ def from_run_config(run_config: Mapping[str, Any],
       use it; this fallback serves a client addressed without one.
     """
     flat = dict(run_config)
+    app_default = str(flower_app_config()[CONFIG_FILE_KEY])
+    environment = os.environ.get(CONFIG_FILE_ENV, "")
     if override_config is not None:
         given = dict(override_config)
-        path = str(given.pop(CONFIG_FILE_KEY, "") or flat.get(CONFIG_FILE_KEY, "")
-                   or os.environ.get(CONFIG_FILE_ENV, ""))
+        path = str(given.pop(CONFIG_FILE_KEY, "") or environment
+                   or flat.get(CONFIG_FILE_KEY, ""))
         return load_config(path or None, given)
-    path = str(flat.pop(CONFIG_FILE_KEY, "") or os.environ.get(CONFIG_FILE_ENV, ""))
+    named = str(flat.pop(CONFIG_FILE_KEY, ""))
+    # a file named explicitly wins; else the environment's; else the app's default preset
+    path = named if named and named != app_default else (environment or named)
     defaults = RunConfig()
     flat_defaults = flatten(defaults.to_dict())
     overrides = {k: v for k, v in flat.items()

@@ -173,3 +173,24 @@ def test_the_servers_resolution_is_exact_and_round_trips_to_clients(tmp_path: Pa
                                           "data.num_clients=4", "privacy.clipping='per-group'",
                                           "privacy.clip_shares='1,2,3'"])):
         assert from_toml_text(config.to_toml()) == config
+
+
+def test_the_environment_names_the_file_unless_the_run_names_one(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import tomllib
+
+    from fedprompt.config import flatten, from_run_config
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    flat = flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    env_file, run_file = tmp_path / "env.toml", tmp_path / "run.toml"
+    env_file.write_text("[federation]\nrounds = 5\n")
+    run_file.write_text("[federation]\nrounds = 6\n")
+    monkeypatch.setenv("FEDPROMPT_CONFIG", str(env_file))
+    assert from_run_config(flat).federation.rounds == 5
+    assert from_run_config(flat, {}).federation.rounds == 5
+    explicit = {"config": str(run_file)}
+    assert from_run_config(flat | explicit).federation.rounds == 6
+    assert from_run_config(flat | explicit, explicit).federation.rounds == 6
+    monkeypatch.delenv("FEDPROMPT_CONFIG")
+    assert from_run_config(flat, {}).federation.rounds == 4  # the default preset
