@@ -281,18 +281,28 @@ def untrained_figures(config: RunConfig) -> dict[str, float | None]:
     ``config`` (its method, its seed): the baseline a method's gain is measured from. It
     evaluates every client's untrained prompt on its test split, as a round's evaluation
     does (no training data is touched)."""
-    from fedprompt.federated.client import ClientSession
+    from fedprompt.federated.generative import open_client_session
 
     num = config.data.num_clients
     local, neighbor = [], []
     for client in range(num):
-        session = ClientSession(config, client, num)
+        session = open_client_session(config, client, num)
         metrics = session.evaluate(session.initial_shared, None)
         local.append(float(metrics["local-accuracy"]))
         if "neighbor-accuracy" in metrics:
             neighbor.append(float(metrics["neighbor-accuracy"]))
     return {"untrained_local_accuracy": float(np.mean(local)),
             "untrained_neighbor_accuracy": float(np.mean(neighbor)) if neighbor else None}
+
+
+def baseline_cell(cell: Cell) -> dict[str, Any]:
+    """:func:`untrained_figures` for a done cell; a failure is printed and recorded
+    (``untrained_error``) and leaves the cell's own figures standing."""
+    try:
+        return untrained_figures(cell.config)
+    except Exception as exc:  # the cell trained fine; say why its baseline is missing
+        console.print(f"[red]untrained baseline failed[/] {cell.key}: {exc!r}")
+        return {"untrained_error": repr(exc)}
 
 
 def audit_cell(grid: Grid, cell: Cell, results: Path) -> dict[str, Any]:
@@ -370,7 +380,7 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                     and Path(old.get("results", "")).joinpath("metrics.json").is_file()):
                 counts["already done"] += 1
                 if cell.epsilon is None and "untrained_local_accuracy" not in old:
-                    old |= untrained_figures(cell.config)
+                    old |= baseline_cell(cell)
                     save_index(index, index_path, [cell.key])
                 if grid.audit != "off" and "audit_epsilon_lower_bound" not in old:
                     old |= audit_cell(grid, cell, Path(old["results"]))
@@ -397,7 +407,7 @@ def run_cells(grid: Grid, cells: list[Cell], out: Path, show_progress: bool = Tr
                     figures = read_figures(results, grid.report_last_rounds)
                     records[cell.key] |= {"status": "done", **figures}
                     if cell.epsilon is None:
-                        records[cell.key] |= untrained_figures(cell.config)
+                        records[cell.key] |= baseline_cell(cell)
                     if grid.audit != "off":
                         records[cell.key] |= audit_cell(grid, cell, results)
                     counts["ran"] += 1
