@@ -22,11 +22,12 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import tomli_w
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -36,6 +37,19 @@ from pydantic import (
 
 from fedprompt.errors import ConfigError
 from fedprompt.tasks.config import TaskConfig
+
+
+def _comma_separated(value: Any) -> Any:
+    """A list key given as one string, as Flower's run_config (scalars only) gives lists:
+    ``"a, b"`` -> ``["a", "b"]``; other values pass through to the list's validation."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+_Item = TypeVar("_Item")
+#: a list that also accepts a comma-separated string (see :func:`_comma_separated`)
+CommaList = Annotated[list[_Item], BeforeValidator(_comma_separated)]
 
 
 class _Section(BaseModel):
@@ -149,7 +163,7 @@ class DataConfig(_Section):
     cache_dir: str = Field(
         "", description="where cached image features are kept ('' = ~/.cache/fedprompt)"
     )
-    domains: list[str] = Field(
+    domains: CommaList[str] = Field(
         default_factory=list,
         description="federated multi-domain data: data sets (each like data.dataset) the "
         "clients are dealt among in contiguous blocks, each block split by data.partition "
@@ -157,12 +171,6 @@ class DataConfig(_Section):
         "one domain, data.dataset",
     )
 
-    @field_validator("domains", mode="before")
-    @classmethod
-    def _split_domains(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @model_validator(mode="after")
     def _client_in_range(self) -> DataConfig:
@@ -264,7 +272,7 @@ class PrivacyConfig(_Section):
         "the joint norm, the noise z C_L and the epsilon are unchanged, but one tensor with "
         "large gradients (DP-FPL's global prompt) no longer takes the others' share"
     )
-    clip_shares: list[float] = Field(
+    clip_shares: CommaList[float] = Field(
         default_factory=list, description="per-group clipping: one positive share per "
         "privatized tensor, in the order of the learner's local_dp_names() (DP-FPL: "
         "global_ctx, local_u, local_v); a comma-separated string is accepted (Flower "
@@ -286,12 +294,6 @@ class PrivacyConfig(_Section):
         "fields (docs/privacy.md)"
     )
 
-    @field_validator("clip_shares", mode="before")
-    @classmethod
-    def _split_shares(cls, value: Any) -> Any:
-        if isinstance(value, str):  # Flower run_config: "2,1,1"
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("clip_shares")
     @classmethod
@@ -399,7 +401,7 @@ class AuditConfig(_Section):
         "the data set with a wrong label",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound")
-    guess_fractions: list[float] = Field(
+    guess_fractions: CommaList[float] = Field(
         default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5],
         description="one-run audit: the auditor guesses on this fraction of the canaries (half "
         "'in' on the top scores, half 'out' on the bottom, abstaining on the rest); the best "
@@ -408,12 +410,6 @@ class AuditConfig(_Section):
     seed: int = Field(0, description="the auditor's randomness (canaries, inclusions, shadow "
                       "splits, attack model)")
 
-    @field_validator("guess_fractions", mode="before")
-    @classmethod
-    def _split_fractions(cls, value: Any) -> Any:
-        if isinstance(value, str):  # Flower run_config: "0.1,0.5"
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("guess_fractions")
     @classmethod
