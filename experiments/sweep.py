@@ -57,7 +57,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -69,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from fedprompt.atomic import atomic_write_text
 from fedprompt.config import RunConfig, flatten, load_config, parse_override
 from fedprompt.console import console, make_progress
 from fedprompt.data.datasets import BUNDLED
@@ -324,11 +324,11 @@ def audit_cell(grid: Grid, cell: Cell, results: Path) -> dict[str, Any]:
                "audit_best_auc": max((a["auc"] for a in attacks.values()), default=None)}
     console.print(f"[green]audit[/] {cell.key}: empirical epsilon >= "
                   f"{one['epsilon_lower_bound']:.3f} vs accountant "
-                  f"{_pct_or(one['accountant_epsilon'])}")
+                  f"{_epsilon_or_none(one['accountant_epsilon'])}")
     return figures
 
 
-def _pct_or(value: float | None) -> str:
+def _epsilon_or_none(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
 
 
@@ -349,9 +349,7 @@ def save_index(index: dict[str, Any], path: Path, keys: list[str] | None = None)
                 cells[key] = index["cells"][key]
             merged = {**current, **{k: v for k, v in index.items() if k != "cells"},
                       "cells": cells}
-            tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(merged, indent=2) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
     return merged
@@ -582,7 +580,7 @@ def markdown_tables(grid: Grid, records: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['dataset']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
                          f"{r['epsilon']} | {r['seed']} | "
                          f"{r['audit_epsilon_lower_bound']:.3f} | "
-                         f"{_pct_or(r.get('audit_accountant_epsilon'))} | "
+                         f"{_epsilon_or_none(r.get('audit_accountant_epsilon'))} | "
                          f"{'–' if auc is None else f'{auc:.3f}'} |")
         lines.append("")
     counts: dict[str, int] = {}
